@@ -1,0 +1,51 @@
+"""Which implementation an op runs: the fused Triton kernels or the PyTorch reference.
+
+``backend="auto"`` picks Triton for CUDA tensors when the kernels import, the reference
+otherwise. The decision only looks at tensor devices, so under ``torch.compile`` it is resolved
+at trace time and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU
+tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .._validation import BACKENDS, check_choice
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels_available() -> bool:
+    """True when ``mskd_fast.kernels`` (and so Triton) imports on this machine."""
+    try:
+        import mskd_fast.kernels  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return False
+    return True
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Resolve ``backend`` for an op whose inputs are ``tensors``.
+
+    Raises ``ValueError`` for an unknown backend and ``RuntimeError`` when ``"triton"`` is
+    forced but cannot run (Triton missing, or CPU tensors without the interpreter).
+    """
+    check_choice("backend", backend, BACKENDS)
+    if backend == "reference":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if backend == "auto":
+        return on_cuda and triton_kernels_available()
+    if not triton_kernels_available():
+        raise RuntimeError("backend='triton' was requested but Triton / mskd_fast.kernels cannot be imported")
+    if not on_cuda and not triton_interpreter_enabled():
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
+        )
+    return True

@@ -1,0 +1,104 @@
+"""Public distillation ops: reformulated softmax, MBD loss (SPEC 1-2) and the plain KD ablation."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from .._validation import (
+    check_choice,
+    check_float,
+    check_logits_pair,
+    check_nonempty,
+    check_nonnegative,
+    check_positive,
+    check_rank,
+    check_targets,
+)
+from ._backend import use_triton
+
+__all__ = ["reformulated_softmax", "mbd_loss", "kd_loss"]
+
+
+def reformulated_softmax(
+    logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0, log: bool = False
+) -> torch.Tensor:
+    """Reformulated softmax RS (SPEC 1) of ``logits / temperature``.
+
+    Args:
+        logits: ``(B, C)`` floating logits.
+        targets: ``(B, C)`` multi-hot labels in {0, 1}.
+        temperature: ``T > 0``.
+        log: return ``log RS`` instead of ``RS``.
+
+    Returns:
+        ``(B, C)`` in ``logits.dtype``; rows sum to 1 ("each positive against all negatives").
+    """
+    check_float("logits", logits)
+    check_rank("logits", logits, 2, "(B, C)")
+    check_nonempty("logits", logits, "(B, C)")
+    check_targets("targets", targets, "logits", logits)
+    check_positive("temperature", temperature)
+    return reference.reformulated_softmax(logits, targets, temperature=temperature, log=log)
+
+
+def _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction) -> None:
+    check_positive("temperature", temperature)
+    if not (0.0 <= omega <= 1.0):
+        raise ValueError(f"omega must be in [0, 1], got {omega!r}")
+    check_nonnegative("gamma_pos", gamma_pos)
+    check_nonnegative("gamma_neg", gamma_neg)
+    check_choice("reduction", reduction, ("mean", "sum", "none"))
+
+
+def mbd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 4.0,
+    omega: float = 0.5,
+    gamma_pos: float = 0.25,
+    gamma_neg: float = 1.0,
+    weight_grad: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-label balanced distillation (MBD) loss, SPEC 2.
+
+    Args:
+        student: ``(B, C)`` student logits (receives the gradient).
+        teacher: ``(B, C)`` teacher logits (constant: never receives a gradient).
+        targets: ``(B, C)`` multi-hot labels in {0, 1}.
+        temperature, omega, gamma_pos, gamma_neg: SPEC 2 hyper-parameters.
+        weight_grad: differentiate the modulating weights too (default: treat them as constants).
+        reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` (``(B,)``).
+        backend: ``"auto"`` (fused Triton kernel for CUDA tensors), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        The loss, ``T**2`` times the reduced per-row weighted KL; it can be negative.
+    """
+    check_logits_pair(student, teacher, targets)
+    _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction)
+    kwargs = dict(
+        temperature=temperature, omega=omega, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
+        weight_grad=weight_grad, reduction=reduction,
+    )
+    if use_triton(backend, student, teacher, targets):
+        from mskd_fast import kernels
+
+        return kernels.mbd_loss(student, teacher, targets, **kwargs)
+    return reference.mbd_loss(student, teacher, targets, **kwargs)
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 4.0, reduction: str = "batchmean"
+) -> torch.Tensor:
+    """``T**2 * KL(softmax(teacher/T) || softmax(student/T))``: the "MBD off" ablation (paper Table 3).
+
+    ``student``/``teacher``: ``(B, C)``; ``reduction``: ``"batchmean"``, ``"sum"`` or ``"none"`` (``(B,)``).
+    """
+    check_logits_pair(student, teacher, None)
+    check_positive("temperature", temperature)
+    check_choice("reduction", reduction, ("batchmean", "sum", "none"))
+    return reference.kd_loss(student, teacher, temperature=temperature, reduction=reduction)
