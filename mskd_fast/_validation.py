@@ -2,7 +2,8 @@
 
 Each check raises ``TypeError`` (wrong type/dtype) or ``ValueError`` (wrong shape, value or
 device) with a message naming the argument and the expected form. Checks never read tensor
-values on an accelerator (no host sync); value-range checks of targets run on CPU tensors only.
+values on an accelerator (no host sync); value-range checks of targets run on CPU tensors only,
+and not while ``torch.compile`` traces (a data-dependent branch would break the graph).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def check_targets(name: str, targets: torch.Tensor, like_name: str, like: torch.
     check_same_shape(name, targets, like_name, like)
     if targets.dtype.is_complex:
         raise TypeError(f"{name} must hold 0/1 labels (bool, integer or float), got {targets.dtype}")
-    if targets.device.type == "cpu" and targets.dtype != torch.bool and targets.numel() > 0:
+    checkable = targets.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checkable and targets.dtype != torch.bool and targets.numel() > 0:
         bad = (targets != 0) & (targets != 1)
         if bool(bad.any()):
             raise ValueError(f"{name} must contain only 0 and 1, found {targets[bad].flatten()[0].item()!r}")

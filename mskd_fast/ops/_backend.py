@@ -16,7 +16,7 @@ import torch
 from .._validation import BACKENDS, check_choice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_kernels_available() -> bool:
     """True when ``mskd_fast.kernels`` (and so Triton) imports on this machine."""
     try:
