@@ -57,10 +57,10 @@ def _extensions():
     cuda_sources = rel("csrc/cuda/*.cu")
     if not cpp_sources:
         raise RuntimeError("csrc/ holds no C++ sources: the checkout is incomplete")
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++17 or C++20 depending on its version)
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-        nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         return [
             CUDAExtension(
                 "mskd_fast._C",

@@ -1,0 +1,273 @@
+// CPU kernels for the mskd:: crop/ROI operators (at::parallel_for over output rows or
+// gradient planes; each thread writes disjoint memory, so no atomics). Inputs of any layout are
+// read through their strides. Summation orders match torchvision's CPU kernels.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../crops.h"
+#include "../geometry.h"
+
+namespace mskd {
+namespace {
+
+struct Strides {
+  int64_t n, c, h, w;
+};
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// One bilinear sample: offsets of its 4 neighbours inside a channel plane and their weights.
+template <typename T>
+struct Sample {
+  int64_t o1, o2, o3, o4;
+  T w1, w2, w3, w4;
+};
+
+// Valid y taps of output row ph (at most grid_h of them).
+template <typename T>
+void row_taps(const AlignGeom<T>& g, int64_t ph, int64_t H, std::vector<Tap<T>>& taps) {
+  taps.clear();
+  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+    Tap<T> t;
+    if (make_tap(sample_coord(g.start_h, ph, g.bin_h, iy, g.grid_h), H, t)) taps.push_back(t);
+  }
+}
+
+// All valid samples of bin (ph, pw), in torchvision's order (iy outer, ix inner).
+template <typename T>
+void bin_samples(const AlignGeom<T>& g, const std::vector<Tap<T>>& ytaps, int64_t pw, int64_t W, int64_t sh,
+                 int64_t sw, std::vector<Sample<T>>& out) {
+  out.clear();
+  for (const Tap<T>& ty : ytaps) {
+    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      Tap<T> tx;
+      if (!make_tap(sample_coord(g.start_w, pw, g.bin_w, ix, g.grid_w), W, tx)) continue;
+      out.push_back({ty.lo * sh + tx.lo * sw, ty.lo * sh + tx.hi * sw, ty.hi * sh + tx.lo * sw, ty.hi * sh + tx.hi * sw,
+                     ty.wlo * tx.wlo, ty.wlo * tx.whi, ty.whi * tx.wlo, ty.whi * tx.whi});
+    }
+  }
+}
+
+int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
+
+template <typename in_t, typename out_t>
+void align_forward_impl(const at::Tensor& input, const at::Tensor& rois, int64_t S, double scale, int64_t sampling,
+                        const at::Tensor& out, const at::Tensor& mean, const at::Tensor& stdev) {
+  using T = acc_t<in_t>;
+  const int64_t N = out.size(0), C = out.size(1), OH = out.size(2), OW = out.size(3);
+  const int64_t H = input.size(2), W = input.size(3);
+  const Strides is = strides_of(input), os = strides_of(out);
+  const in_t* in = input.data_ptr<in_t>();
+  const T* r = rois.data_ptr<T>();
+  out_t* o = out.data_ptr<out_t>();
+  const T* mp = mean.defined() ? mean.data_ptr<T>() : nullptr;
+  const T* sp = stdev.defined() ? stdev.data_ptr<T>() : nullptr;
+  const T sc = static_cast<T>(scale);
+  at::parallel_for(0, N * OH, row_grain(OW * C), [&](int64_t begin, int64_t end) {
+    std::vector<Tap<T>> ytaps;
+    std::vector<Sample<T>> samples;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / OH, ph = row % OH;
+      const T* box = r + 4 * n;
+      const in_t* img = in + (n / S) * is.n;
+      out_t* orow = o + n * os.n + ph * os.h;
+      if (!box_ok(box)) {
+        for (int64_t pw = 0; pw < OW; ++pw)
+          for (int64_t c = 0; c < C; ++c) orow[pw * os.w + c * os.c] = static_cast<out_t>(NAN);
+        continue;
+      }
+      const AlignGeom<T> g = align_geom(box, sc, OH, OW, sampling);
+      row_taps(g, ph, H, ytaps);
+      for (int64_t pw = 0; pw < OW; ++pw) {
+        bin_samples(g, ytaps, pw, W, is.h, is.w, samples);
+        out_t* op = orow + pw * os.w;
+        for (int64_t c = 0; c < C; ++c) {
+          const in_t* plane = img + c * is.c;
+          T v = T(0);
+          for (const Sample<T>& s : samples) {
+            v += s.w1 * static_cast<T>(plane[s.o1]) + s.w2 * static_cast<T>(plane[s.o2]) +
+                 s.w3 * static_cast<T>(plane[s.o3]) + s.w4 * static_cast<T>(plane[s.o4]);
+          }
+          v /= g.count;
+          if (mp != nullptr) v = v - mp[c];
+          if (sp != nullptr) v = v / sp[c];
+          op[c * os.c] = static_cast<out_t>(v);
+        }
+      }
+    }
+  });
+}
+
+// Iterates the (image, channel-range) pieces of a parallel_for chunk over B * C planes.
+template <typename F>
+void for_plane_ranges(int64_t C, int64_t begin, int64_t end, const F& f) {
+  int64_t i = begin;
+  while (i < end) {
+    const int64_t b = i / C, c0 = i % C, c1 = std::min(C, c0 + (end - i));
+    f(b, c0, c1);
+    i += c1 - c0;
+  }
+}
+
+template <typename grad_t>
+void align_backward_impl(const at::Tensor& grad, const at::Tensor& rois, int64_t S, double scale, int64_t sampling,
+                         const at::Tensor& acc, const at::Tensor& stdev) {
+  using T = acc_t<grad_t>;
+  const int64_t C = grad.size(1), OH = grad.size(2), OW = grad.size(3);
+  const int64_t B = acc.size(0), H = acc.size(2), W = acc.size(3);
+  const Strides gs = strides_of(grad), as = strides_of(acc);
+  const grad_t* gp = grad.data_ptr<grad_t>();
+  const T* r = rois.data_ptr<T>();
+  T* ap = acc.data_ptr<T>();
+  const T* sp = stdev.defined() ? stdev.data_ptr<T>() : nullptr;
+  const T sc = static_cast<T>(scale);
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Tap<T>> ytaps;
+    std::vector<Sample<T>> samples;
+    for_plane_ranges(C, begin, end, [&](int64_t b, int64_t c0, int64_t c1) {
+      for (int64_t n = b * S; n < (b + 1) * S; ++n) {
+        const T* box = r + 4 * n;
+        if (!box_ok(box)) continue;
+        const AlignGeom<T> g = align_geom(box, sc, OH, OW, sampling);
+        for (int64_t ph = 0; ph < OH; ++ph) {
+          row_taps(g, ph, H, ytaps);
+          if (ytaps.empty()) continue;
+          for (int64_t pw = 0; pw < OW; ++pw) {
+            bin_samples(g, ytaps, pw, W, as.h, as.w, samples);
+            for (int64_t c = c0; c < c1; ++c) {
+              T gv = static_cast<T>(gp[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w]);
+              if (sp != nullptr) gv = gv / sp[c];
+              T* plane = ap + b * as.n + c * as.c;
+              for (const Sample<T>& s : samples) {
+                plane[s.o1] += gv * s.w1 / g.count;
+                plane[s.o2] += gv * s.w2 / g.count;
+                plane[s.o3] += gv * s.w3 / g.count;
+                plane[s.o4] += gv * s.w4 / g.count;
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void max_forward_impl(const at::Tensor& input, const at::Tensor& rois, int64_t S, double scale, const at::Tensor& out,
+                      const at::Tensor& argmax) {
+  using T = acc_t<scalar_t>;
+  const int64_t N = out.size(0), C = out.size(1), OH = out.size(2), OW = out.size(3);
+  const int64_t H = input.size(2), W = input.size(3);
+  const Strides is = strides_of(input), os = strides_of(out), xs = strides_of(argmax);
+  const scalar_t* in = input.data_ptr<scalar_t>();
+  const T* r = rois.data_ptr<T>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  int32_t* am = argmax.data_ptr<int32_t>();
+  const T sc = static_cast<T>(scale);
+  const T lowest = static_cast<T>(-std::numeric_limits<float>::max());  // torchvision's -FLT_MAX
+  at::parallel_for(0, N * OH, row_grain(OW * C), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / OH, ph = row % OH;
+      const T* box = r + 4 * n;
+      const scalar_t* img = in + (n / S) * is.n;
+      if (!box_ok(box)) {
+        for (int64_t pw = 0; pw < OW; ++pw)
+          for (int64_t c = 0; c < C; ++c) {
+            o[n * os.n + c * os.c + ph * os.h + pw * os.w] = static_cast<scalar_t>(NAN);
+            am[n * xs.n + c * xs.c + ph * xs.h + pw * xs.w] = -1;
+          }
+        continue;
+      }
+      const MaxGeom<T> g = max_geom(box, sc, OH, OW);
+      int64_t h0, h1;
+      max_bin(g.start_h, g.bin_h, ph, H, h0, h1);
+      for (int64_t pw = 0; pw < OW; ++pw) {
+        int64_t w0, w1;
+        max_bin(g.start_w, g.bin_w, pw, W, w0, w1);
+        const bool empty = h1 <= h0 || w1 <= w0;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* plane = img + c * is.c;
+          T best = empty ? T(0) : lowest;
+          int32_t idx = -1;
+          for (int64_t h = h0; h < h1; ++h) {
+            for (int64_t w = w0; w < w1; ++w) {
+              const T v = static_cast<T>(plane[h * is.h + w * is.w]);
+              if (v > best) {
+                best = v;
+                idx = static_cast<int32_t>(h * W + w);
+              }
+            }
+          }
+          o[n * os.n + c * os.c + ph * os.h + pw * os.w] = static_cast<scalar_t>(best);
+          am[n * xs.n + c * xs.c + ph * xs.h + pw * xs.w] = idx;
+        }
+      }
+    }
+  });
+}
+
+template <typename grad_t>
+void max_backward_impl(const at::Tensor& grad, const at::Tensor& argmax, int64_t S, const at::Tensor& acc) {
+  using T = acc_t<grad_t>;
+  const int64_t C = grad.size(1), OH = grad.size(2), OW = grad.size(3);
+  const int64_t B = acc.size(0), H = acc.size(2), W = acc.size(3);
+  const Strides gs = strides_of(grad), xs = strides_of(argmax), as = strides_of(acc);
+  const grad_t* gp = grad.data_ptr<grad_t>();
+  const int32_t* am = argmax.data_ptr<int32_t>();
+  T* ap = acc.data_ptr<T>();
+  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+    for_plane_ranges(C, begin, end, [&](int64_t b, int64_t c0, int64_t c1) {
+      for (int64_t n = b * S; n < (b + 1) * S; ++n) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* plane = ap + b * as.n + c * as.c;
+          for (int64_t ph = 0; ph < OH; ++ph) {
+            for (int64_t pw = 0; pw < OW; ++pw) {
+              const int64_t idx = am[n * xs.n + c * xs.c + ph * xs.h + pw * xs.w];
+              if (idx < 0 || idx >= H * W) continue;
+              plane[(idx / W) * as.h + (idx % W) * as.w] += static_cast<T>(gp[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w]);
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+void align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, int64_t S, double scale, int64_t sampling,
+                       const at::Tensor& out, const at::Tensor& mean, const at::Tensor& stdev) {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, input.scalar_type(), "mskd_align_fwd_cpu", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "mskd_align_fwd_cpu_out", [&] {
+      align_forward_impl<in_t, scalar_t>(input, rois, S, scale, sampling, out, mean, stdev);
+    });
+  });
+}
+
+void align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, int64_t S, double scale, int64_t sampling,
+                        const at::Tensor& acc, const at::Tensor& stdev) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mskd_align_bwd_cpu", [&] {
+    align_backward_impl<scalar_t>(grad, rois, S, scale, sampling, acc, stdev);
+  });
+}
+
+void max_forward_cpu(const at::Tensor& input, const at::Tensor& rois, int64_t S, double scale, const at::Tensor& out,
+                     const at::Tensor& argmax) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mskd_max_fwd_cpu", [&] {
+    max_forward_impl<scalar_t>(input, rois, S, scale, out, argmax);
+  });
+}
+
+void max_backward_cpu(const at::Tensor& grad, const at::Tensor& argmax, int64_t S, const at::Tensor& acc) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mskd_max_bwd_cpu", [&] {
+    max_backward_impl<scalar_t>(grad, argmax, S, acc);
+  });
+}
+
+}  // namespace mskd
