@@ -1,0 +1,120 @@
+"""Command-line flags for choosing and reading a dataset (used by the trainer and the evaluator)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .datasets import DATASETS, eval_split_name, load_index, train_split_name
+from .index import ON_BAD_IMAGE, DatasetIndex
+from .synthetic import SyntheticConfig
+from .voc import VOC_DIFFICULT
+
+ROLES = ("train", "eval")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the dataset flags (group "data") to ``parser`` and return the group.
+
+    Flags: ``--dataset --data-dir --train-split --eval-split --voc-difficult --on-bad-image
+    --manifest-classes --synthetic-size --synthetic-test-size --synthetic-img-size --synthetic-seed
+    --synthetic-cache``.
+    """
+    g = parser.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="synthetic",
+        help="dataset to train/evaluate on (default: the built-in synthetic multi-scale dataset)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="dataset folder (voc: holds VOCdevkit/ or is VOC2007/; coco: holds train2014/ val2014/ "
+        "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder)",
+    )
+    g.add_argument("--train-split", default=None, help="training split (default: trainval for voc, train otherwise)")
+    g.add_argument("--eval-split", default=None, help="evaluation split (default: test; for coco this is val2014)")
+    g.add_argument(
+        "--voc-difficult",
+        choices=VOC_DIFFICULT,
+        default="positive",
+        help="VOC objects marked difficult: count as positive (default) or ignore them",
+    )
+    g.add_argument(
+        "--on-bad-image",
+        choices=ON_BAD_IMAGE,
+        default="error",
+        help="missing/undecodable images: stop with a list (default) or skip them and report the count",
+    )
+    g.add_argument(
+        "--manifest-classes",
+        default=None,
+        help="manifest datasets: file with one class name per line (fixes the class order)",
+    )
+    g.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=SyntheticConfig.train_size,
+        help="synthetic dataset: number of training images (default %(default)s)",
+    )
+    g.add_argument(
+        "--synthetic-test-size",
+        type=int,
+        default=None,
+        help="synthetic dataset: number of test images (default: 30%% of --synthetic-size)",
+    )
+    g.add_argument(
+        "--synthetic-img-size",
+        type=int,
+        default=SyntheticConfig.img_size,
+        help="synthetic dataset: image side in pixels (default %(default)s)",
+    )
+    g.add_argument(
+        "--synthetic-seed",
+        type=int,
+        default=SyntheticConfig.seed,
+        help="synthetic dataset: generator seed (default %(default)s)",
+    )
+    g.add_argument(
+        "--synthetic-cache",
+        default=None,
+        help="synthetic dataset: cache folder (default: $MSKD_FAST_CACHE or ~/.cache/mskd_fast)",
+    )
+    return g
+
+
+def synthetic_config_from_args(args: argparse.Namespace) -> SyntheticConfig:
+    """The :class:`SyntheticConfig` the ``--synthetic-*`` flags describe."""
+    return SyntheticConfig(
+        train_size=args.synthetic_size,
+        test_size=args.synthetic_test_size,
+        img_size=args.synthetic_img_size,
+        seed=args.synthetic_seed,
+        cache_dir=args.synthetic_cache,
+    )
+
+
+def split_from_args(args: argparse.Namespace, role: str) -> str:
+    """The split name for ``role`` (``"train"`` or ``"eval"``): the flag if given, else the dataset default."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "train":
+        return args.train_split or train_split_name(args.dataset)
+    return args.eval_split or eval_split_name(args.dataset)
+
+
+def index_from_args(args: argparse.Namespace, split: str) -> DatasetIndex:
+    """Load the index the flags describe, for ``split`` = ``"train"`` or ``"eval"`` (a role).
+
+    The role is mapped to a split name by :func:`split_from_args` (e.g. ``"train"`` is VOC's
+    ``trainval``; ``--train-split``/``--eval-split`` override).
+    """
+    return load_index(
+        args.dataset,
+        args.data_dir,
+        split_from_args(args, split),
+        on_bad_image=args.on_bad_image,
+        voc_difficult=args.voc_difficult,
+        manifest_classes=args.manifest_classes,
+        synthetic=synthetic_config_from_args(args),
+    )

@@ -1,0 +1,74 @@
+"""``load_index``: one call for every supported dataset, and each dataset's default split names."""
+
+from __future__ import annotations
+
+from .coco import read_coco
+from .index import DatasetIndex, check_on_bad_image
+from .manifest import read_manifest
+from .mirflickr import read_mirflickr
+from .nuswide import read_nuswide
+from .synthetic import SYNTHETIC_CLASSES, SyntheticConfig, ensure_synthetic
+from .voc import VOC_DIFFICULT, read_voc
+
+DATASETS = ("synthetic", "voc", "coco", "mirflickr", "nuswide", "manifest")
+_TRAIN_SPLIT = {"voc": "trainval"}
+_EVAL_SPLIT: dict[str, str] = {}
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+
+
+def train_split_name(dataset: str) -> str:
+    """The training split of ``dataset``: ``"trainval"`` for VOC, ``"train"`` otherwise."""
+    _check_dataset(dataset)
+    return _TRAIN_SPLIT.get(dataset, "train")
+
+
+def eval_split_name(dataset: str) -> str:
+    """The evaluation split of ``dataset``: ``"test"`` (for COCO it reads val2014)."""
+    _check_dataset(dataset)
+    return _EVAL_SPLIT.get(dataset, "test")
+
+
+def load_index(
+    dataset: str,
+    data_dir: str | None,
+    split: str,
+    *,
+    on_bad_image: str = "error",
+    voc_difficult: str = "positive",
+    manifest_classes: str | None = None,
+    synthetic: SyntheticConfig | None = None,
+) -> DatasetIndex:
+    """Read one split of ``dataset`` into a :class:`DatasetIndex` (see docs/DATA.md for each layout).
+
+    ``data_dir`` is the dataset folder; for ``"synthetic"`` it is optional and, when given, is the
+    cache folder (overriding ``synthetic.cache_dir``). ``on_bad_image``: ``"error"`` (raise on a
+    missing or undecodable image, listing the first ones) or ``"skip"`` (leave them out, counted in
+    ``index.skipped``). ``voc_difficult``: ``"positive"`` or ``"ignore"`` (VOC only).
+    ``manifest_classes``: class-list file (manifest only). ``synthetic``: the generator config
+    (default :class:`SyntheticConfig`).
+    """
+    _check_dataset(dataset)
+    check_on_bad_image(on_bad_image)
+    if voc_difficult not in VOC_DIFFICULT:
+        raise ValueError(f"voc_difficult must be one of {VOC_DIFFICULT}, got {voc_difficult!r}")
+    if dataset == "synthetic":
+        config = synthetic or SyntheticConfig()
+        if data_dir is not None:
+            config = SyntheticConfig(**{**config.__dict__, "cache_dir": data_dir})
+        if split not in ("train", "test"):
+            raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+        root = ensure_synthetic(config)
+        return read_voc(root, split, classes=SYNTHETIC_CLASSES, name="synthetic", on_bad_image=on_bad_image)
+    if dataset == "voc":
+        return read_voc(data_dir, split, difficult=voc_difficult, on_bad_image=on_bad_image)
+    if dataset == "coco":
+        return read_coco(data_dir, split, on_bad_image=on_bad_image)
+    if dataset == "mirflickr":
+        return read_mirflickr(data_dir, split, on_bad_image=on_bad_image)
+    if dataset == "nuswide":
+        return read_nuswide(data_dir, split, on_bad_image=on_bad_image)
+    return read_manifest(data_dir, split, manifest_classes=manifest_classes, on_bad_image=on_bad_image)

@@ -1,0 +1,132 @@
+"""Torch fallback loader: ``torchvision.io.decode_image`` + ``transforms.v2`` in a multi-worker DataLoader.
+
+Training transform (per image, uint8 CHW): ``RandomResizedCrop(img_size, scale=crop_scale,
+ratio=crop_ratio)``, ``RandomHorizontalFlip``, ``RandAugment(num_ops, magnitude, fill=128)``.
+Evaluation: ``Resize((img_size, img_size))``. Then ImageNet normalisation: in the workers when the
+output device is the CPU, else on the device after a uint8 transfer (4x fewer bytes to copy).
+
+Sharding and order follow :mod:`mskd_fast.data.plan`, exactly as in the DALI loader: a batch
+sampler (in the main process) yields ``(sample index, sample id)`` pairs, so evaluation padding
+rows (id ``-1``, image of sample 0) never duplicate a counted sample. Worker augmentation is
+seeded from ``seed`` (DataLoader generator); with ``num_workers=0`` each batch runs under a
+forked RNG seeded from ``(seed, epoch, batch)``, so the caller's global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from .base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderOptions
+from .index import DatasetIndex
+from .plan import eval_shard, train_shard
+
+
+def build_transform(options: LoaderOptions, normalize: bool) -> v2.Compose:
+    """The per-image transform for ``options`` (uint8 CHW in; float32 normalised or uint8 out)."""
+    o = options
+    if o.train:
+        steps = [
+            v2.RandomResizedCrop(o.img_size, scale=o.crop_scale, ratio=o.crop_ratio, antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        if o.randaugment and o.randaugment_ops > 0:
+            steps.append(v2.RandAugment(num_ops=o.randaugment_ops, magnitude=o.randaugment_magnitude, fill=128))
+    else:
+        steps = [v2.Resize((o.img_size, o.img_size), antialias=True)]
+    if normalize:
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class _ImageFiles(Dataset):
+    """Decodes ``paths[i]`` for an item ``(i, sample_id)`` and returns ``(image, sample_id)``."""
+
+    def __init__(self, paths: list[str], transform):
+        self.paths = paths
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, sample_id = item
+        path = self.paths[i]
+        try:
+            image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+        return self.transform(image), sample_id
+
+
+class _PlanBatches:
+    """Batch sampler over the current epoch's plan: lists of ``(sample index, sample id)``."""
+
+    def __init__(self, loader: TorchLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        ids = self.loader._plan
+        bs = self.loader.options.batch_size
+        for b in range(len(self.loader)):
+            chunk = ids[b * bs : (b + 1) * bs].tolist()
+            yield [(max(s, 0), s) for s in chunk]
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+class TorchLoader(Loader):
+    """The torch DataLoader backend (see the module docstring)."""
+
+    backend = "torch"
+
+    def __init__(self, index: DatasetIndex, options: LoaderOptions):
+        super().__init__(index, options)
+        self._normalize_in_workers = options.device.type == "cpu"
+        self._plan = None
+        workers = options.num_workers
+        self._dataloader = DataLoader(
+            _ImageFiles(index.paths, build_transform(options, self._normalize_in_workers)),
+            batch_sampler=_PlanBatches(self),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            pin_memory=options.device.type == "cuda",
+            worker_init_fn=_worker_init if workers > 0 else None,
+            generator=torch.Generator().manual_seed(options.seed),
+        )
+        mean = torch.tensor(IMAGENET_MEAN, device=options.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD, device=options.device).view(1, 3, 1, 1) * 255
+        self._mean, self._inv_std = mean, 1.0 / std
+
+    def _plan_for(self, epoch: int):
+        o, n = self.options, len(self.index)
+        if o.train:
+            return train_shard(n, o.shard_id, o.num_shards, o.seed, epoch)
+        return eval_shard(n, o.shard_id, o.num_shards)
+
+    def __iter__(self):
+        epoch = self._take_epoch()
+        self._plan = self._plan_for(epoch)
+        o = self.options
+        batches = iter(self._dataloader)
+        for b in range(len(self)):
+            if o.num_workers == 0:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(int(np.random.SeedSequence([o.seed, epoch, b, o.shard_id]).generate_state(1)[0]))
+                    images, ids = next(batches)
+            else:
+                images, ids = next(batches)
+            ids = ids.to(o.device, non_blocking=True)
+            if not self._normalize_in_workers:
+                images = images.to(o.device, non_blocking=True).float().sub_(self._mean).mul_(self._inv_std)
+            yield self.finish_images(images), self.targets_for(ids), ids
