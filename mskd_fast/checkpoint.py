@@ -1,0 +1,103 @@
+"""Checkpoint files: atomic writes, validated reads, and the RNG states a resume has to restore.
+
+A checkpoint is a plain dict saved with ``torch.save`` and read back with ``weights_only=True``, so it
+may only hold tensors, numbers, strings, ``None`` and dicts/lists/tuples of them (no pickled objects).
+``atomic_save`` writes to a temporary file in the same folder, fsyncs it and ``os.replace``s it over the
+target, so a crash (or Ctrl-C) never leaves a half-written ``last.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+__all__ = ["FORMAT", "atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
+
+FORMAT = "mskd-fast-checkpoint-v1"
+
+
+def atomic_save(obj, path: str | os.PathLike) -> str:
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, require=("model",)) -> dict:
+    """Read a checkpoint written by the trainer (on CPU) and check it holds the keys in ``require``.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the path) for an unreadable,
+    truncated or foreign file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a torch file): {exc}") from exc
+    if not isinstance(blob, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(blob).__name__}, expected a dict")
+    if blob.get("format") != FORMAT:
+        raise ValueError(
+            f"checkpoint {path} is not an mskd-fast training checkpoint (format={blob.get('format')!r}, "
+            f"expected {FORMAT!r}); to start from foreign weights use --initial-checkpoint"
+        )
+    missing = [k for k in require if k not in blob]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}")
+    return blob
+
+
+def capture_rng(box_generator: torch.Generator | None = None) -> dict:
+    """This process's RNG states: python, numpy, torch CPU, every CUDA device, and the box generator."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002 (the global state is what we save)
+    state = {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                  float(np_gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "box_generator": None if box_generator is None else box_generator.get_state(),
+    }
+    return state
+
+
+def restore_rng(state: dict, box_generator: torch.Generator | None = None) -> None:
+    """Inverse of :func:`capture_rng` (CUDA states only for the devices present)."""
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
+    if box_generator is not None and state.get("box_generator") is not None:
+        box_generator.set_state(state["box_generator"])

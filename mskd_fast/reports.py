@@ -1,0 +1,164 @@
+"""Run reports: per-epoch summary CSV, per-class AP CSV, per-scale recall table/plot, training curves.
+
+Every file is written atomically (temporary file in the same folder, then ``os.replace``), so a reader
+never sees a half-written report. Plots use matplotlib's Agg canvas (no display, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "METRIC_KEYS",
+    "format_metrics",
+    "format_table",
+    "plot_training_curves",
+    "write_per_class_ap",
+    "write_scale_recall",
+    "write_summary_csv",
+    "write_text",
+]
+
+METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1", "P@1", "R@1")
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` atomically; returns the path."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _csv_text(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt_cell(row.get(k, "")) for k in columns})
+    return buf.getvalue()
+
+
+def _fmt_cell(value):
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def write_summary_csv(path: str, history: Sequence[Mapping]) -> str:
+    """One row per epoch (the trainer's history dicts: epoch, loss terms, lr, img/s, metrics, ...)."""
+    return write_text(path, _csv_text(history))
+
+
+def write_per_class_ap(path: str, class_names: Sequence[str], ap: np.ndarray, positives: np.ndarray) -> str:
+    """CSV ``class_index, class_name, positives, AP`` (AP in percent; empty for excluded classes)."""
+    rows = []
+    for index, name in enumerate(class_names):
+        value = float(ap[index])
+        rows.append({
+            "class_index": index,
+            "class_name": name,
+            "positives": int(positives[index]),
+            "AP": "" if math.isnan(value) else f"{value:.4f}",
+        })
+    return write_text(path, _csv_text(rows, ["class_index", "class_name", "positives", "AP"]))
+
+
+def write_scale_recall(prefix: str, table: Sequence[Mapping], label: str) -> list[str]:
+    """``prefix.csv``, ``prefix.md`` (table) and ``prefix.png`` (plot) of a per-scale recall table."""
+    from mskd_fast.metrics import format_scale_recall, plot_scale_recall
+
+    rows = [dict(row) for row in table]
+    paths = [
+        write_text(prefix + ".csv", _csv_text(rows, ["bin_lo", "bin_hi", "objects", "found", "recall"])),
+        write_text(prefix + ".md", format_scale_recall(table)),
+    ]
+    plot_scale_recall({label: table}, prefix + ".png")
+    paths.append(prefix + ".png")
+    return paths
+
+
+def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "") -> str:
+    """Loss terms, mAP and learning rate per epoch, three panels, written atomically to ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 3.8), constrained_layout=True)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_map, ax_lr = fig.subplots(1, 3)
+    epochs = [row["epoch"] for row in history]
+    for key in ("loss", "bce", "lsd", "rsd", "ssd"):
+        values = [row.get(key) for row in history]
+        if any(isinstance(v, float) and v != 0.0 for v in values):
+            ax_loss.plot(epochs, values, marker="o", markersize=3, label=key)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_title("training loss terms (epoch mean)")
+    ax_loss.grid(True, alpha=0.3)
+    ax_loss.legend()
+    evaluated = [(row["epoch"], row["mAP"]) for row in history if isinstance(row.get("mAP"), float)]
+    if evaluated:
+        ax_map.plot([e for e, _ in evaluated], [m for _, m in evaluated], marker="o", markersize=3)
+    ax_map.set_xlabel("epoch")
+    ax_map.set_title("eval mAP (%)")
+    ax_map.grid(True, alpha=0.3)
+    ax_lr.plot(epochs, [row.get("lr") for row in history], marker="o", markersize=3)
+    ax_lr.set_xlabel("epoch")
+    ax_lr.set_title("learning rate (head, end of epoch)")
+    ax_lr.grid(True, alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".curves.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def format_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
+    """Plain-text table with right-aligned columns (for the terminal)."""
+    cells = [[str(h) for h in headers]] + [[_fmt_display(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt_display(value) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def format_metrics(metrics: Mapping) -> str:
+    """``mAP 71.23  OP 80.10 ...`` one line of the scalar SPEC metrics."""
+    return "  ".join(f"{k} {metrics[k]:.2f}" for k in METRIC_KEYS if k in metrics)
