@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: launch sizing, input checks, output allocation.
+"""Helpers shared by the Triton kernels: op registration, launching, sizing, input checks, outputs.
 
 ``POISON_OUTPUTS`` (module-level switch, also set by the environment variable
 ``MSKD_FAST_POISON_OUTPUTS=1``) makes every kernel output start as NaN (floating) or an
@@ -13,6 +13,7 @@ import os
 
 import torch
 import triton
+from torch.library import triton_op, wrap_triton
 
 POISON_OUTPUTS: bool = os.environ.get("MSKD_FAST_POISON_OUTPUTS", "0") not in ("", "0")
 
@@ -22,6 +23,36 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def register_op(name: str):
+    """Decorator registering ``fn`` as the ``torch.library`` op ``name`` (``"mskd::..."``).
+
+    Normally a ``triton_op``: ``torch.compile`` decomposes it into its Triton kernels (via
+    ``wrap_triton``), so Inductor sees and schedules them with no graph break. Under the Triton
+    interpreter the kernels are Python functions that ``wrap_triton`` cannot capture, so the op is
+    registered as an opaque ``custom_op`` instead, with ``fn`` itself as its fake implementation
+    (``launch`` skips kernels on fake tensors). That keeps ``torch.compile`` of the kernels usable
+    on a CPU-only machine: the compiled graph calls the op, which runs the interpreted kernels.
+    """
+
+    def decorate(fn):
+        if interpreter_enabled():
+            op = torch.library.custom_op(name, mutates_args=())(fn)
+            op.register_fake(fn)
+            return op
+        return triton_op(name, mutates_args=())(fn)
+
+    return decorate
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``wrap_triton(kernel)[grid](*args, **kwargs)``; a no-op on fake tensors under the interpreter."""
+    if interpreter_enabled() and any(
+        isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args
+    ):
+        return
+    wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _utils
 
@@ -114,7 +113,7 @@ def _graph_kernel(o_ptr, u_ptr, z_ptr, S, C, o_sb, o_ss, layers,
         tl.store(z_ptr + i * C + cc, z.to(z_ptr.dtype.element_ty), mask=c_ok)
 
 
-@triton_op("mskd::reconstruct_logits", mutates_args=())
+@_utils.register_op("mskd::reconstruct_logits")
 def _reconstruct_logits(
     patch_logits: torch.Tensor,
     logits: torch.Tensor,
@@ -134,19 +133,22 @@ def _reconstruct_logits(
     n_blocks = triton.cdiv(n, _BLOCK)
     delta = _utils.new_output((n,), torch.result_type(patch_logits, logits), dev)
     counts = _utils.new_output((n_blocks,), torch.int32, dev)
-    wrap_triton(_delta_kernel)[(n_blocks,)](
+    _utils.launch(
+        _delta_kernel, (n_blocks,),
         o, q, y, delta, counts, b, s, c, o.stride(0), o.stride(1), q.stride(0), y.stride(0),
         COUNT=k_mode == _K_DEFAULT, BLOCK=_BLOCK, num_warps=4,
     )
     order = torch.sort(delta, descending=True, stable=True).indices
     u = _utils.new_output((b, s, c), torch.int8, dev)
-    wrap_triton(_sign_kernel)[(n_blocks,)](
+    _utils.launch(
+        _sign_kernel, (n_blocks,),
         order, u, k_tensor, counts, k_value, n_blocks, s, n, K_MODE=k_mode, BLOCK=_BLOCK, num_warps=4,
     )
     z = _utils.new_output((b, c), patch_logits.dtype, dev)
     sp = max(2, _utils.next_pow2(s))
     block_c = min(_utils.next_pow2(c), max(16, _TILE // (sp * sp)))
-    wrap_triton(_graph_kernel)[(b,)](
+    _utils.launch(
+        _graph_kernel, (b,),
         o, u, z, s, c, o.stride(0), o.stride(1), layers, SP=sp, BLOCK_C=block_c,
         num_warps=_utils.warps_for(sp * sp * block_c),
     )

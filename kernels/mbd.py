@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _utils
 
@@ -246,7 +245,7 @@ def _launch_config(b: int, c: int) -> tuple[int, int, bool, int]:
     return rows, block_c, True, _utils.warps_for(rows * block_c)
 
 
-@triton_op("mskd::mbd_loss_fwd", mutates_args=())
+@_utils.register_op("mskd::mbd_loss_fwd")
 def _mbd_loss_fwd(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -276,7 +275,8 @@ def _mbd_loss_fwd(
     else:
         grad = student.new_empty((0, c))
     scale = temperature * temperature / (b if reduction == "mean" else 1)
-    wrap_triton(_mbd_fwd_kernel)[(grid,)](
+    _utils.launch(
+        _mbd_fwd_kernel, (grid,),
         student, teacher, targets, grad, out,
         b, c, student.stride(0), teacher.stride(0), targets.stride(0), grad.stride(0) if compute_grad else c,
         float(temperature), float(scale), float(scale / temperature), float(omega), float(gamma_pos),

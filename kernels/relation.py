@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from . import _utils
 
@@ -262,7 +261,7 @@ def _batch_blocks(b: int, c: int) -> tuple[int, int]:
     return bj, min(_utils.next_pow2(c), max(8, _TILE // (bj * bj)))
 
 
-@triton_op("mskd::relation_loss_fwd", mutates_args=())
+@_utils.register_op("mskd::relation_loss_fwd")
 def _relation_loss_fwd(
     student: torch.Tensor, teacher: torch.Tensor, delta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -285,19 +284,21 @@ def _relation_loss_fwd(
     coef = _utils.new_output((_NUM_COEF,), torch.float32, dev)
     loss = _utils.new_output((), student.dtype, dev)
     warps = _utils.warps_for(max(sp * sp * block_c, bj * bj * block_cb))
-    wrap_triton(_distances_kernel)[(n_parts,)](
+    _utils.launch(
+        _distances_kernel, (n_parts,),
         student, teacher, dp_r, dp_o, db_r, db_o, means, parts,
         b, s, c, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), n_tiles,
         SP=sp, BLOCK_C=block_c, BJ=bj, BLOCK_CB=block_cb, num_warps=warps,
     )
-    wrap_triton(_finalize_kernel)[(1,)](
+    _utils.launch(
+        _finalize_kernel, (1,),
         dp_r, dp_o, db_r, db_o, parts, loss, coef, b, s, n_parts, float(delta),
         HAS_P=has_p, HAS_B=has_b, BLOCK=1024, num_warps=4,
     )
     return loss, dp_r, dp_o, db_r, db_o, means, coef
 
 
-@triton_op("mskd::relation_loss_bwd", mutates_args=())
+@_utils.register_op("mskd::relation_loss_bwd")
 def _relation_loss_bwd(
     grad_loss: torch.Tensor,
     student: torch.Tensor,
@@ -316,7 +317,8 @@ def _relation_loss_bwd(
     has_p, has_b = s > 1, b > 1
     sp, block_c = _image_blocks(s, c)
     bk = min(max(2, _utils.next_pow2(b)), max(2, _TILE // block_c))
-    wrap_triton(_backward_kernel)[(b,)](
+    _utils.launch(
+        _backward_kernel, (b,),
         grad_loss, student, grad, dp_r, dp_o, db_r, db_o, means, coef,
         b, s, c, student.stride(0), student.stride(1), grad.stride(0), grad.stride(1), float(delta),
         1.0 / (b * s * s), 1.0 / (b * b),
