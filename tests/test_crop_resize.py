@@ -161,7 +161,8 @@ def test_empty_crop_count(device):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_gradcheck_float64(channels_last):
     images = random_images(2, 2, 7, 9, torch.float64, "cpu", channels_last).requires_grad_()
-    boxes = torch.cat([random_boxes(2, 2, 7, 9, "cpu", torch.float64), edge_boxes(7, 9, "cpu", torch.float64)[:, :2]], 1)
+    edges = edge_boxes(7, 9, "cpu", torch.float64)[:, :2]
+    boxes = torch.cat([random_boxes(2, 2, 7, 9, "cpu", torch.float64), edges], 1)
     assert torch.autograd.gradcheck(lambda x: crop_resize(x, boxes, (3, 4)), (images,))
     assert torch.autograd.gradcheck(
         lambda x: crop_resize(x, boxes, (2, 3), channels_last=True, mean=[0.1, -0.2], std=[0.5, 2.0]), (images,)
@@ -255,7 +256,7 @@ BAD_CALLS = [
     (lambda: crop_resize(_base()[0], _base()[1][:1], 4), ValueError, "boxes.shape.0. = 1 but images has batch size 2"),
     (lambda: crop_resize(_base()[0], _base()[1].long(), 4), TypeError, "boxes must be a floating"),
     (lambda: crop_resize(_base()[0], _base()[1].to("meta"), 4), ValueError, "boxes must be on the same device"),
-    (lambda: crop_resize(*_with_box([1.0, float("nan"), 3.0, 4.0]), 4), ValueError, r"boxes must be finite.*boxes\[1, 0\]"),
+    (lambda: crop_resize(*_with_box([1.0, float("nan"), 3.0, 4.0]), 4), ValueError, r"finite.*boxes\[1, 0\]"),
     (lambda: crop_resize(*_with_box([1.0, 1.0, float("inf"), 4.0]), 4), ValueError, "boxes must be finite"),
     (lambda: crop_resize(*_with_box([5.0, 1.0, 3.0, 4.0]), 4), ValueError, r"x2 >= x1 and y2 >= y1.*boxes\[1, 0\]"),
     (lambda: crop_resize(*_with_box([1.0, 5.0, 3.0, 4.0]), 4), ValueError, "x2 >= x1 and y2 >= y1"),
