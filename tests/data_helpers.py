@@ -53,7 +53,8 @@ def voc_xml(objects, size=(40, 30)) -> str:
         f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for n, b, d in objects
     )
-    return f"<annotation><size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{body}</annotation>"
+    head = f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+    return f"<annotation>{head}{body}</annotation>"
 
 
 def make_voc(root: str, annotations: dict, splits: dict, size=(40, 30)) -> str:

@@ -136,6 +136,15 @@ class Loader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release worker processes/threads now (the loader can still be iterated again afterwards)."""
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         o = self.options
         return (

@@ -23,7 +23,9 @@ channels_last without a copy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import warnings
 
 import numpy as np
@@ -99,18 +101,35 @@ def _define_pipeline(options: LoaderOptions, decode_device: str, files: list[str
     device_id = None
     if decode_device == "mixed":
         device_id = o.device.index if o.device.index is not None else torch.cuda.current_device()
-    with warnings.catch_warnings():
-        # rand_augment uses DALI's own deprecated aliases (fn.experimental.*); not ours to fix.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pipe = graph(
-            batch_size=o.batch_size,
-            num_threads=max(1, o.num_workers),
-            device_id=device_id,
-            seed=seed,
-            prefetch_queue_depth=2,
-        )
-        pipe.build()
+    pipe = graph(
+        batch_size=o.batch_size,
+        num_threads=max(1, o.num_workers),
+        device_id=device_id,
+        seed=seed,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
     return pipe
+
+
+@contextlib.contextmanager
+def _quiet_dali_deprecations():
+    """Drop the DeprecationWarnings DALI raises about its own aliases while tracing a graph.
+
+    ``auto_aug.rand_augment`` calls ``fn.experimental.filter``/``equalize``, which DALI itself
+    deprecates, and DALI forces such warnings on with ``simplefilter("default")``, so a filter
+    cannot silence them; a ``showwarning`` hook that drops exactly those can.
+    """
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, DeprecationWarning) and os.path.join("nvidia", "dali") in filename:
+                return
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 class DaliLoader(Loader):
@@ -135,6 +154,11 @@ class DaliLoader(Loader):
     def _release(self) -> None:
         self._iterator = self._pipe = None
 
+    def close(self) -> None:
+        """Drop the DALI pipeline and its threads (rebuilt on the next iteration)."""
+        self._release()
+        self._exhausted = False
+
     def _start(self, epoch: int) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -147,14 +171,15 @@ class DaliLoader(Loader):
             seed = int(np.random.SeedSequence([o.seed, epoch, o.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
         else:
             files, labels, seed = self._eval_files, list(range(len(self._eval_files))), o.seed
-        self._pipe = _define_pipeline(o, self.decode_device, files, labels, seed)
-        self._iterator = DALIGenericIterator(
-            self._pipe,
-            ["images", "positions"],
-            reader_name="Reader",
-            last_batch_policy=LastBatchPolicy.DROP if o.train else LastBatchPolicy.PARTIAL,
-            auto_reset=False,
-        )
+        with _quiet_dali_deprecations():
+            self._pipe = _define_pipeline(o, self.decode_device, files, labels, seed)
+            self._iterator = DALIGenericIterator(
+                self._pipe,
+                ["images", "positions"],
+                reader_name="Reader",
+                last_batch_policy=LastBatchPolicy.DROP if o.train else LastBatchPolicy.PARTIAL,
+                auto_reset=False,
+            )
         if len(self._iterator) != len(self):
             raise RuntimeError(f"DALI iterator has {len(self._iterator)} batches, the plan {len(self)}")
 

@@ -14,6 +14,8 @@ forked RNG seeded from ``(seed, epoch, batch)``, so the caller's global RNG is u
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torchvision
@@ -57,26 +59,37 @@ class _ImageFiles(Dataset):
         i, sample_id = item
         path = self.paths[i]
         try:
-            image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
+            with warnings.catch_warnings():
+                # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; they still work.
+                warnings.filterwarnings(
+                    "ignore", message=".*decoding and encoding capabilities", category=DeprecationWarning
+                )
+                image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as exc:
             raise ValueError(f"cannot decode image {path}: {exc}") from exc
         return self.transform(image), sample_id
 
 
 class _PlanBatches:
-    """Batch sampler over the current epoch's plan: lists of ``(sample index, sample id)``."""
+    """Batch sampler over the current epoch's plan: lists of ``(sample index, sample id)``.
 
-    def __init__(self, loader: TorchLoader):
-        self.loader = loader
+    It holds the plan itself (set by the loader before each epoch), not the loader: a reference
+    cycle through the DataLoader would leave its worker shutdown to the garbage collector, which
+    then waits out the join timeouts.
+    """
+
+    def __init__(self, batch_size: int, num_batches: int):
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+        self.plan = None
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.num_batches
 
     def __iter__(self):
-        ids = self.loader._plan
-        bs = self.loader.options.batch_size
-        for b in range(len(self.loader)):
-            chunk = ids[b * bs : (b + 1) * bs].tolist()
+        bs = self.batch_size
+        for b in range(self.num_batches):
+            chunk = self.plan[b * bs : (b + 1) * bs].tolist()
             yield [(max(s, 0), s) for s in chunk]
 
 
@@ -92,11 +105,11 @@ class TorchLoader(Loader):
     def __init__(self, index: DatasetIndex, options: LoaderOptions):
         super().__init__(index, options)
         self._normalize_in_workers = options.device.type == "cpu"
-        self._plan = None
+        self._batches = _PlanBatches(options.batch_size, len(self))
         workers = options.num_workers
         self._dataloader = DataLoader(
             _ImageFiles(index.paths, build_transform(options, self._normalize_in_workers)),
-            batch_sampler=_PlanBatches(self),
+            batch_sampler=self._batches,
             num_workers=workers,
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
@@ -116,7 +129,7 @@ class TorchLoader(Loader):
 
     def __iter__(self):
         epoch = self._take_epoch()
-        self._plan = self._plan_for(epoch)
+        self._batches.plan = self._plan_for(epoch)
         o = self.options
         batches = iter(self._dataloader)
         for b in range(len(self)):
@@ -130,3 +143,10 @@ class TorchLoader(Loader):
             if not self._normalize_in_workers:
                 images = images.to(o.device, non_blocking=True).float().sub_(self._mean).mul_(self._inv_std)
             yield self.finish_images(images), self.targets_for(ids), ids
+
+    def close(self) -> None:
+        """Shut the worker processes down now (they are also shut down when the loader is deleted)."""
+        iterator = getattr(self._dataloader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._dataloader._iterator = None
