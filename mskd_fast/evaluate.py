@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                 f"was trained on {meta['num_classes']} classes {meta['class_names'][:5]}...: class lists differ"
             )
         model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
-                                roi_mode=meta.get("roi_mode", "max"))
+                                roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
         model.load_state_dict(ckpt["model"])
         model.to(ctx.device)
         if args.channels_last:

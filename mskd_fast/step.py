@@ -26,8 +26,11 @@ back on resume (the trainer checks a fingerprint, and drops ``q_prev`` with a me
 
 **Non-finite steps without a host sync.** The loss and the gradient norm are checked on the device;
 the flag is handed to the fused SGD kernel as ``found_inf`` (the mechanism ``GradScaler`` uses), which
-then leaves parameters and momentum untouched. Counters stay on the device; the trainer reads them at
-its log interval. Momentum buffers are created as zeros up front, which is exactly the first-step
+then leaves parameters and momentum untouched. The student's train-mode forward has already updated
+the BatchNorm running statistics by then (with NaN, for a bad batch, which would poison every later
+teacher forward), so the floating-point buffers are snapshotted before the forward (one ``foreach``
+copy; BN statistics are a few thousand numbers) and put back with ``torch.where`` when the step is
+skipped. Counters stay on the device; the trainer reads them at its log interval. Momentum buffers are created as zeros up front, which is exactly the first-step
 initialisation (``buf = grad``) but keeps a skipped first step from leaving them uninitialised.
 """
 
@@ -228,6 +231,7 @@ class TrainStep:
         if scaler is not None and config.amp_dtype != torch.float16:
             raise ValueError("a GradScaler is only used with amp_dtype=float16")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.stat_buffers = [b for b in unwrap(model).buffers() if b.is_floating_point()]
         device = self.params[0].device
         self.device = device
         self.q_prev: torch.Tensor | None = None
@@ -301,6 +305,7 @@ class TrainStep:
         if fn is None or (cfg.use_ssd and q_prev is None):
             fn = self.forward_loss
         self.optimizer.zero_grad(set_to_none=True)
+        saved_stats = torch._foreach_mul(self.stat_buffers, 1.0) if self.stat_buffers else []
         total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
         loss_bad = ~torch.isfinite(total)
         if self.scaler is not None:
@@ -320,6 +325,8 @@ class TrainStep:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
+        for buf, old in zip(self.stat_buffers, saved_stats):
+            torch.where(skipped, old, buf, out=buf)
         if self.scheduler is not None:
             self.scheduler.step()
         skipped_i = skipped.to(torch.int64)

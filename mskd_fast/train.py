@@ -88,6 +88,15 @@ def _same_batch(fp: dict, images: torch.Tensor, ids: torch.Tensor) -> bool:
             and math.isclose(fp["abs_sum"], now["abs_sum"], rel_tol=1e-9, abs_tol=1e-6))
 
 
+def _plain(obj):
+    """Tuples -> lists, recursively (for YAML's safe dumper)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 class Trainer:
     """Everything a run needs, built and validated in ``__init__``; ``fit()`` trains."""
 
@@ -136,7 +145,7 @@ class Trainer:
         torch.manual_seed(args.seed)
         model, self.init_note = create_model(args.model, self.num_classes, pretrained=args.pretrained,
                                              allow_random_init=args.allow_random_init, img_size=args.img_size,
-                                             roi_mode=args.roi_mode)
+                                             roi_mode=args.roi_mode, **args.model_kwargs)
         if args.initial_checkpoint and resume_blob is None:
             self.init_note = load_initial_checkpoint(model, args.initial_checkpoint)
         if resume_blob is not None:
@@ -230,7 +239,7 @@ class Trainer:
                 "torch": str(torch.__version__),
             },
         }
-        write_text(os.path.join(self.out_dir, "args.yaml"), yaml.safe_dump(info, sort_keys=False))
+        write_text(os.path.join(self.out_dir, "args.yaml"), yaml.safe_dump(_plain(info), sort_keys=False))
 
     def _load_state(self, blob: dict) -> None:
         ctx = self.ctx
@@ -293,7 +302,8 @@ class Trainer:
             "args": {k: v for k, v in vars(a).items()},
             "meta": {"model_name": a.model, "num_classes": self.num_classes,
                      "class_names": list(self.train_index.class_names), "img_size": a.img_size,
-                     "roi_mode": a.roi_mode, "dataset": a.dataset, "method": a.method},
+                     "roi_mode": a.roi_mode, "model_kwargs": dict(a.model_kwargs), "dataset": a.dataset,
+                     "method": a.method},
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),

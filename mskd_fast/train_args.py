@@ -17,6 +17,7 @@ fail before training with a message naming the flag.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 
@@ -38,6 +39,22 @@ PAPER = {
     "model": "resnet34", "img_size": 224, "batch_size": 64, "epochs": 80, "lr": 0.01, "warmup_epochs": 0,
 }
 PAPER_COCO = {"batch_size": 128, "lr": 0.1}
+
+
+class ParseKwargs(argparse.Action):
+    """``KEY=VALUE ...`` -> dict; values parsed with ``ast.literal_eval`` (plain strings when that fails)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        out = {}
+        for item in values:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.isidentifier():
+                parser.error(f"{option_string} expects KEY=VALUE items, got {item!r}")
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                out[key] = raw
+        setattr(namespace, self.dest, out)
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -90,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of classes; must match the dataset (default: taken from the dataset)")
     m.add_argument("--img-size", type=int, default=None,
                    help="square training/eval resolution in pixels (default 224; synthetic demo: see printout)")
+    m.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                   help="extra timm.create_model arguments, values as Python literals "
+                        "(e.g. drop_path_rate=0.1 channels=(8,16,32,64))")
     m.add_argument("--roi-mode", choices=("max", "avg"), default="max",
                    help="crop feature pooling for r: roi_pool max (SPEC default) or roi_align average")
 
@@ -201,6 +221,9 @@ def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool
                 chosen.append(f"{key}={value}")
         if chosen:
             notes.append(f"paper recipe defaults for {args.dataset}: " + ", ".join(chosen))
+    if "warmup_epochs" not in explicit and args.warmup_epochs >= args.epochs:
+        args.warmup_epochs = 0
+        notes.append("warmup_epochs=0 (the demo's 1 warmup epoch needs --epochs >= 2)")
     if args.lr_backbone_mult is None:
         pretrained = bool(args.pretrained or args.initial_checkpoint)
         args.lr_backbone_mult = 0.1 if pretrained else 1.0
