@@ -17,12 +17,10 @@ NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.cuda, NEEDS_CUDA))]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
-pytestmark = pytest.mark.skipif(not crops.extension_status()["available"], reason="mskd_fast._C is not built")
-
-
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setenv("MSKD_FAST_POISON", "1")
+    assert crops.extension_status()["poison"]
 
 
 def rois_of(boxes: torch.Tensor) -> torch.Tensor:
