@@ -5,6 +5,7 @@ fused Triton kernels for CUDA tensors and the PyTorch reference otherwise. ``cro
 ``roi_pool`` (SPEC 6) run the C++/CUDA extension ``mskd_fast._C`` and fall back to torchvision.
 """
 
+from .crops import crop_resize, roi_pool
 from .graph import pseudo_labels, reconstruct_logits
 from .mbd import kd_loss, mbd_loss, reformulated_softmax
 from .relation import relation_loss
@@ -16,4 +17,6 @@ __all__ = [
     "relation_loss",
     "pseudo_labels",
     "reconstruct_logits",
+    "crop_resize",
+    "roi_pool",
 ]
