@@ -30,8 +30,9 @@ then leaves parameters and momentum untouched. The student's train-mode forward 
 the BatchNorm running statistics by then (with NaN, for a bad batch, which would poison every later
 teacher forward), so the floating-point buffers are snapshotted before the forward (one ``foreach``
 copy; BN statistics are a few thousand numbers) and put back with ``torch.where`` when the step is
-skipped. Counters stay on the device; the trainer reads them at its log interval. Momentum buffers are created as zeros up front, which is exactly the first-step
-initialisation (``buf = grad``) but keeps a skipped first step from leaving them uninitialised.
+skipped. Counters stay on the device; the trainer reads them at its log interval. Momentum buffers
+are created as zeros up front, which is exactly the first-step initialisation (``buf = grad``) but
+keeps a skipped first step from leaving them uninitialised.
 """
 
 from __future__ import annotations
