@@ -161,12 +161,20 @@ def test_torch_loader_leaves_global_rng_alone(solid):
 
 @needs_dali
 def test_dali_and_torch_read_the_same_order(solid):
-    orders = []
+    """Same plan on both backends, over consecutive epochs and after a training loop left early."""
+    orders = {}
     for backend in ("torch", "dali"):
         loader = _loader(solid, backend, train=True, batch_size=4, num_shards=2, shard_id=1, randaugment=False, seed=9)
         loader.set_epoch(4)
-        orders.append(_collect(loader, solid))
-    assert orders[0] == orders[1]
+        epochs = [_collect(loader, solid), _collect(loader, solid)]
+        for _ in loader:  # epoch 6, abandoned after one batch
+            break
+        epochs.append(_collect(loader, solid))  # epoch 7
+        loader.set_epoch(4)
+        epochs.append(_collect(loader, solid))
+        orders[backend] = epochs
+    assert orders["torch"] == orders["dali"]
+    assert orders["dali"][3] == orders["dali"][0] != orders["dali"][1]
 
 
 def test_backend_choice_and_argument_errors(solid):

@@ -1,20 +1,28 @@
 """NVIDIA DALI loader: ``fn.readers.file`` + decode + augment, on the GPU (``mixed``) or all on the CPU.
 
-Training graph: ``readers.file(files, labels=sample index, shard_id, num_shards, pad_last_batch)``
--> ``decoders.image_random_crop`` (random resized crop fused into the decode; ``device="mixed"``
-on a GPU, ``"cpu"`` otherwise) -> ``resize`` to ``img_size`` -> ``auto_aug.rand_augment`` (n, m,
-fill 128) -> ``crop_mirror_normalize`` (random horizontal flip, ImageNet normalisation, fp16 or
-fp32 output, ``CHW`` or ``HWC`` layout) with ``LastBatchPolicy.DROP``.
-Evaluation graph: ``decoders.image`` -> ``resize`` -> ``crop_mirror_normalize``, with
-``pad_last_batch=True`` and ``LastBatchPolicy.PARTIAL``.
+Training runs two pipelines:
 
-Order and sharding (:mod:`mskd_fast.data.plan`): the file list given to the reader is the global
-order of the epoch (training: a permutation drawn from ``(seed, epoch)``; evaluation: ids padded
-per shard with ``-1``), and the reader's own ``shard_id``/``num_shards`` cut it into the same
-equal contiguous chunks the torch loader reads. Because the reader fixes its file list when the
-pipeline is built, the training pipeline is rebuilt for each epoch (about 0.7 s of graph
-construction with RandAugment); the evaluation pipeline is built once. The reader's labels are
-positions in that list; the sample ids and multi-hot targets are then gathered on the device.
+* a reader pipeline, ``readers.file(files, labels=sample index, shard_id, num_shards,
+  pad_last_batch=True)`` over the epoch's global order (a permutation drawn from ``(seed, epoch)``,
+  :mod:`mskd_fast.data.plan`), run for exactly ``len(loader)`` full batches, so the last partial
+  batch is dropped. The reader fixes its file list when built, so this small pipeline is rebuilt
+  for every epoch (milliseconds);
+* a processing pipeline, built once: ``external_source`` (the reader's encoded bytes and sample
+  indices) -> ``decoders.image_random_crop`` (random resized crop fused into the decode;
+  ``device="mixed"`` on a GPU, ``"cpu"`` otherwise) -> ``resize`` -> ``auto_aug.rand_augment``
+  (n, m, fill 128) -> ``crop_mirror_normalize`` (random horizontal flip, ImageNet normalisation,
+  fp16 or fp32, ``CHW`` or ``HWC``), iterated with ``LastBatchPolicy.DROP``. Tracing RandAugment's
+  conditional graph takes about a second, which is why it is not rebuilt per epoch.
+
+Evaluation runs one pipeline, built once: ``readers.file(pad_last_batch=True)`` over the ids padded
+per shard with ``-1`` (``eval_order``) -> ``decoders.image`` -> ``resize`` -> ``crop_mirror_normalize``,
+iterated with ``LastBatchPolicy.PARTIAL``.
+
+In both cases the reader's ``shard_id``/``num_shards`` cut the global list into the same equal
+contiguous chunks the torch loader reads, so both loaders visit the same samples in the same
+order. The reader's labels are sample indices (training) or list positions (evaluation, mapped to
+sample ids with ``-1`` padding); the multi-hot targets are gathered from a table on the device.
+Augmentation randomness is seeded from ``(seed, shard_id)`` once and continues across epochs.
 
 bf16 output: DALI has no bfloat16, so the pipeline emits fp32 and the batch is cast on the device.
 ``channels_last``: the pipeline emits ``HWC``, and the (B, H, W, 3) batch viewed as (B, 3, H, W) is
@@ -50,68 +58,6 @@ def dali_import_error() -> str | None:
     return None
 
 
-def _define_pipeline(options: LoaderOptions, decode_device: str, files: list[str], labels: list[int], seed: int):
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
-    from nvidia.dali.auto_aug import rand_augment
-
-    o = options
-    size = o.img_size
-    out_dtype = types.FLOAT16 if o.dtype == torch.float16 else types.FLOAT
-    layout = "HWC" if o.channels_last else "CHW"
-    mean = [255 * m for m in IMAGENET_MEAN]
-    std = [255 * s for s in IMAGENET_STD]
-
-    @pipeline_def(enable_conditionals=o.train and o.randaugment and o.randaugment_ops > 0)
-    def graph():
-        encoded, positions = fn.readers.file(
-            files=files,
-            labels=labels,
-            shard_id=o.shard_id,
-            num_shards=o.num_shards,
-            random_shuffle=False,
-            pad_last_batch=True,
-            name="Reader",
-        )
-        if o.train:
-            images = fn.decoders.image_random_crop(
-                encoded,
-                device=decode_device,
-                output_type=types.RGB,
-                random_area=list(o.crop_scale),
-                random_aspect_ratio=list(o.crop_ratio),
-                num_attempts=10,
-            )
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
-            if o.randaugment and o.randaugment_ops > 0:
-                images = rand_augment.rand_augment(
-                    images, n=o.randaugment_ops, m=o.randaugment_magnitude, shape=[size, size], fill_value=128
-                )
-            mirror = fn.random.coin_flip(probability=0.5)
-        else:
-            images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-            images = fn.resize(images, resize_x=size, resize_y=size, antialias=True)
-            mirror = 0
-        images = fn.crop_mirror_normalize(
-            images, dtype=out_dtype, output_layout=layout, mean=mean, std=std, mirror=mirror
-        )
-        return images, positions
-
-    device_id = None
-    if decode_device == "mixed":
-        device_id = o.device.index if o.device.index is not None else torch.cuda.current_device()
-    pipe = graph(
-        batch_size=o.batch_size,
-        num_threads=max(1, o.num_workers),
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=2,
-    )
-    pipe.build()
-    return pipe
-
-
 @contextlib.contextmanager
 def _quiet_dali_deprecations():
     """Drop the DeprecationWarnings DALI raises about its own aliases while tracing a graph.
@@ -132,6 +78,140 @@ def _quiet_dali_deprecations():
         yield
 
 
+def _normalize(images, options: LoaderOptions, mirror):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT16 if options.dtype == torch.float16 else types.FLOAT,
+        output_layout="HWC" if options.channels_last else "CHW",
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        mirror=mirror,
+    )
+
+
+def _reader(files: list[str], labels: list[int], options: LoaderOptions):
+    import nvidia.dali.fn as fn
+
+    return fn.readers.file(
+        files=files,
+        labels=labels,
+        shard_id=options.shard_id,
+        num_shards=options.num_shards,
+        random_shuffle=False,
+        pad_last_batch=True,
+        name="Reader",
+    )
+
+
+def _device_id(options: LoaderOptions, decode_device: str) -> int | None:
+    if decode_device != "mixed":
+        return None
+    return options.device.index if options.device.index is not None else torch.cuda.current_device()
+
+
+def reader_pipeline(options: LoaderOptions, files: list[str], labels: list[int]):
+    """CPU pipeline emitting ``(encoded file bytes, label)`` batches of ``files`` for this shard."""
+    from nvidia.dali import pipeline_def
+
+    @pipeline_def
+    def graph():
+        encoded, indices = _reader(files, labels, options)
+        return encoded, indices
+
+    pipe = graph(batch_size=options.batch_size, num_threads=1, device_id=None, prefetch_queue_depth=2)
+    pipe.build()
+    return pipe
+
+
+def train_pipeline(options: LoaderOptions, decode_device: str, source, seed: int):
+    """Decode + augment pipeline fed by ``source()`` -> ``(encoded batch, sample-index batch)``."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.auto_aug import rand_augment
+
+    o = options
+    use_ra = o.randaugment and o.randaugment_ops > 0
+
+    @pipeline_def(enable_conditionals=use_ra)
+    def graph():
+        encoded, indices = fn.external_source(
+            source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32]
+        )
+        images = fn.decoders.image_random_crop(
+            encoded,
+            device=decode_device,
+            output_type=types.RGB,
+            random_area=list(o.crop_scale),
+            random_aspect_ratio=list(o.crop_ratio),
+            num_attempts=10,
+        )
+        images = fn.resize(images, resize_x=o.img_size, resize_y=o.img_size, antialias=True)
+        if use_ra:
+            images = rand_augment.rand_augment(
+                images, n=o.randaugment_ops, m=o.randaugment_magnitude, shape=[o.img_size, o.img_size], fill_value=128
+            )
+        return _normalize(images, o, fn.random.coin_flip(probability=0.5)), indices
+
+    pipe = graph(
+        batch_size=o.batch_size,
+        num_threads=max(1, o.num_workers),
+        device_id=_device_id(o, decode_device),
+        seed=seed,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+    return pipe
+
+
+def eval_pipeline(options: LoaderOptions, decode_device: str, files: list[str]):
+    """Reader + decode + resize + normalise pipeline; labels are positions in ``files``."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    o = options
+
+    @pipeline_def
+    def graph():
+        encoded, positions = _reader(files, list(range(len(files))), o)
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+        images = fn.resize(images, resize_x=o.img_size, resize_y=o.img_size, antialias=True)
+        return _normalize(images, o, 0), positions
+
+    pipe = graph(
+        batch_size=o.batch_size,
+        num_threads=max(1, o.num_workers),
+        device_id=_device_id(o, decode_device),
+        seed=o.seed,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+    return pipe
+
+
+class _EpochBatches:
+    """The processing pipeline's source: the current epoch's reader batches, then StopIteration."""
+
+    def __init__(self):
+        self.reader = None
+        self.remaining = 0
+
+    def start(self, reader, num_batches: int) -> None:
+        self.reader, self.remaining = reader, num_batches
+
+    def __call__(self):
+        if self.remaining <= 0:
+            self.reader = None
+            raise StopIteration
+        self.remaining -= 1
+        encoded, indices = self.reader.run()
+        return encoded, indices
+
+
 class DaliLoader(Loader):
     """The DALI backend (see the module docstring). ``decode_device`` is ``"mixed"`` or ``"cpu"``."""
 
@@ -145,52 +225,63 @@ class DaliLoader(Loader):
         self.decode_device = decode_device
         self.backend = f"dali-{decode_device}"
         self._pipe = self._iterator = None
-        self._exhausted = False
+        self._in_epoch = False
+        self._feed = _EpochBatches()
         if not options.train:
             order = eval_order(len(index), options.num_shards)
             self._eval_files = [index.paths[max(int(i), 0)] for i in order]
             self._position_ids = torch.from_numpy(order).to(options.device)
 
-    def _release(self) -> None:
-        self._iterator = self._pipe = None
-
     def close(self) -> None:
-        """Drop the DALI pipeline and its threads (rebuilt on the next iteration)."""
-        self._release()
-        self._exhausted = False
+        """Drop the DALI pipelines and their threads (rebuilt on the next iteration)."""
+        self._iterator = self._pipe = None
+        self._feed.reader = None
+        self._in_epoch = False
 
-    def _start(self, epoch: int) -> None:
+    def _make_iterator(self, pipe, policy):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+        kwargs = {"reader_name": "Reader"} if policy == "partial" else {}
+        return DALIGenericIterator(
+            pipe,
+            ["images", "positions"],
+            last_batch_policy=LastBatchPolicy.PARTIAL if policy == "partial" else LastBatchPolicy.DROP,
+            auto_reset=False,
+            **kwargs,
+        )
+
+    def _start_train(self, epoch: int) -> None:
         o = self.options
-        self._release()
-        if o.train:
-            order = train_order(len(self.index), o.num_shards, o.seed, epoch)
-            files = [self.index.paths[i] for i in order]
-            labels = order.tolist()
-            seed = int(np.random.SeedSequence([o.seed, epoch, o.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
-        else:
-            files, labels, seed = self._eval_files, list(range(len(self._eval_files))), o.seed
+        order = train_order(len(self.index), o.num_shards, o.seed, epoch)
         with _quiet_dali_deprecations():
-            self._pipe = _define_pipeline(o, self.decode_device, files, labels, seed)
-            self._iterator = DALIGenericIterator(
-                self._pipe,
-                ["images", "positions"],
-                reader_name="Reader",
-                last_batch_policy=LastBatchPolicy.DROP if o.train else LastBatchPolicy.PARTIAL,
-                auto_reset=False,
-            )
+            self._feed.start(reader_pipeline(o, [self.index.paths[i] for i in order], order.tolist()), len(self))
+            if self._iterator is None:
+                seed = int(np.random.SeedSequence([o.seed, o.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
+                self._pipe = train_pipeline(o, self.decode_device, self._feed, seed)
+                self._iterator = self._make_iterator(self._pipe, "drop")
+            else:
+                self._iterator.reset()
+
+    def _start_eval(self) -> None:
+        if self._iterator is not None and not self._in_epoch:
+            self._iterator.reset()
+            return
+        self.close()
+        self._pipe = eval_pipeline(self.options, self.decode_device, self._eval_files)
+        self._iterator = self._make_iterator(self._pipe, "partial")
         if len(self._iterator) != len(self):
             raise RuntimeError(f"DALI iterator has {len(self._iterator)} batches, the plan {len(self)}")
 
     def __iter__(self):
         o = self.options
         epoch = self._take_epoch()
-        if o.train or self._iterator is None or not self._exhausted:
-            self._start(epoch)
+        if self._in_epoch:  # the previous loop was left early: its pipelines hold a half-read epoch
+            self.close()
+        if o.train:
+            self._start_train(epoch)
         else:
-            self._iterator.reset()
-        self._exhausted = False
+            self._start_eval()
+        self._in_epoch = True
         for batch in self._iterator:
             images = batch[0]["images"]
             positions = batch[0]["positions"].view(-1).to(o.device, non_blocking=True).long()
@@ -198,6 +289,4 @@ class DaliLoader(Loader):
             if o.channels_last:
                 images = images.permute(0, 3, 1, 2)
             yield self.finish_images(images), self.targets_for(ids), ids
-        self._exhausted = True
-        if o.train:
-            self._release()
+        self._in_epoch = False
