@@ -7,9 +7,13 @@ output device is the CPU, else on the device after a uint8 transfer (4x fewer by
 
 Sharding and order follow :mod:`mskd_fast.data.plan`, exactly as in the DALI loader: a batch
 sampler (in the main process) yields ``(sample index, sample id)`` pairs, so evaluation padding
-rows (id ``-1``, image of sample 0) never duplicate a counted sample. Worker augmentation is
-seeded from ``seed`` (DataLoader generator); with ``num_workers=0`` each batch runs under a
-forked RNG seeded from ``(seed, epoch, batch)``, so the caller's global RNG is untouched.
+rows (id ``-1``, image of sample 0) never duplicate a counted sample.
+
+Augmentation is reproducible: each sample's transform runs right after ``torch.manual_seed`` with
+a seed drawn from ``(seed, epoch, shard_id)`` for its position in the epoch, so a batch depends
+on ``(seed, epoch, shard, batch index)`` only, not on the number of workers or on what ran before
+(a resumed run sees the very batches of an uninterrupted one). With ``num_workers=0`` the work
+runs under ``torch.random.fork_rng``, so the caller's global RNG is untouched.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, sample_id = item
+    def __getitem__(self, item: tuple[int, int, int]):
+        i, sample_id, aug_seed = item
         path = self.paths[i]
         try:
             with warnings.catch_warnings():
@@ -67,11 +71,12 @@ class _ImageFiles(Dataset):
                 image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
         except (RuntimeError, OSError) as exc:
             raise ValueError(f"cannot decode image {path}: {exc}") from exc
+        torch.manual_seed(aug_seed)
         return self.transform(image), sample_id
 
 
 class _PlanBatches:
-    """Batch sampler over the current epoch's plan: lists of ``(sample index, sample id)``.
+    """Batch sampler over the current epoch's plan: lists of ``(sample index, sample id, augmentation seed)``.
 
     It holds the plan itself (set by the loader before each epoch), not the loader: a reference
     cycle through the DataLoader would leave its worker shutdown to the garbage collector, which
@@ -82,6 +87,7 @@ class _PlanBatches:
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.plan = None
+        self.seeds = None
 
     def __len__(self) -> int:
         return self.num_batches
@@ -89,8 +95,9 @@ class _PlanBatches:
     def __iter__(self):
         bs = self.batch_size
         for b in range(self.num_batches):
-            chunk = self.plan[b * bs : (b + 1) * bs].tolist()
-            yield [(max(s, 0), s) for s in chunk]
+            ids = self.plan[b * bs : (b + 1) * bs].tolist()
+            seeds = self.seeds[b * bs : (b + 1) * bs].tolist()
+            yield [(max(s, 0), s, seed) for s, seed in zip(ids, seeds)]
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -129,13 +136,14 @@ class TorchLoader(Loader):
 
     def __iter__(self):
         epoch = self._take_epoch()
-        self._batches.plan = self._plan_for(epoch)
         o = self.options
+        plan = self._plan_for(epoch)
+        self._batches.plan = plan
+        self._batches.seeds = np.random.default_rng([o.seed, epoch, o.shard_id, 0xA06]).integers(0, 2**62, len(plan))
         batches = iter(self._dataloader)
-        for b in range(len(self)):
+        for _ in range(len(self)):
             if o.num_workers == 0:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(np.random.SeedSequence([o.seed, epoch, b, o.shard_id]).generate_state(1)[0]))
                     images, ids = next(batches)
             else:
                 images, ids = next(batches)
