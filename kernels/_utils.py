@@ -25,6 +25,10 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Decided once, at import: it also decides how the ops are registered (see register_op).
+_INTERPRETED = interpreter_enabled()
+
+
 def register_op(name: str):
     """Decorator registering ``fn`` as the ``torch.library`` op ``name`` (``"mskd::..."``).
 
@@ -37,7 +41,7 @@ def register_op(name: str):
     """
 
     def decorate(fn):
-        if interpreter_enabled():
+        if _INTERPRETED:
             op = torch.library.custom_op(name, mutates_args=())(fn)
             op.register_fake(fn)
             return op
@@ -48,7 +52,7 @@ def register_op(name: str):
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """``wrap_triton(kernel)[grid](*args, **kwargs)``; a no-op on fake tensors under the interpreter."""
-    if interpreter_enabled() and any(
+    if _INTERPRETED and any(
         isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args
     ):
         return

@@ -258,7 +258,7 @@ def _mbd_loss_fwd(
     reduction: str,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (scalar or ``(B,)``, student dtype) and ``d loss / d student`` for ``grad_output = 1``."""
+    """Loss (scalar or ``(B,)``) and ``d loss / d student`` (student dtype) for ``grad_output = 1``."""
     b, c = student.shape
     student = _utils.rowwise(student)
     teacher = _utils.rowwise(teacher)
@@ -266,10 +266,11 @@ def _mbd_loss_fwd(
     rows, block_c, single, num_warps = _launch_config(b, c)
     grid = triton.cdiv(b, rows)
     per_row = reduction == "none"
+    loss_dtype = torch.promote_types(student.dtype, teacher.dtype)
     if per_row:
-        out = _utils.new_output((b,), student.dtype, student.device)
+        out = _utils.new_output((b,), loss_dtype, student.device)
     else:
-        out = _utils.new_output((grid,), student.dtype if grid == 1 else torch.float32, student.device)
+        out = _utils.new_output((grid,), loss_dtype if grid == 1 else torch.float32, student.device)
     if compute_grad:
         grad = _utils.new_output((b, c), student.dtype, student.device)
     else:
@@ -289,7 +290,7 @@ def _mbd_loss_fwd(
     elif grid == 1:
         loss = out.view(())
     else:
-        loss = out.sum().to(student.dtype)
+        loss = out.sum().to(loss_dtype)
     return loss, grad
 
 
@@ -334,8 +335,9 @@ def mbd_loss(
         reduction: ``"mean"``, ``"sum"`` (scalar) or ``"none"`` (``(B,)``).
 
     Returns:
-        The loss in ``student.dtype`` (computed in float32). Its gradient is computed in the
-        forward pass; backward multiplies it by ``grad_output``.
+        The loss in the promoted dtype of ``student`` and ``teacher`` (as the reference), computed
+        in float32. Its gradient is computed in the forward pass; backward multiplies it by
+        ``grad_output``.
     """
     _utils.check_kernel_tensor("student", student, 2, "(B, C)")
     _utils.check_kernel_tensor("teacher", teacher, 2, "(B, C)")

@@ -354,7 +354,7 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, delta: float 
         delta: Huber threshold (> 0).
 
     Returns:
-        0-dim loss in ``student.dtype`` (float32 math): Huber of normalised within-image crop
+        0-dim loss in ``student.dtype`` (as the reference; float32 math): Huber of normalised within-image crop
         distances (mean over ``B*S*S``) plus Huber of normalised distances between per-image crop
         means (mean over ``B*B``); a term is 0 when ``S = 1`` or ``B = 1``.
     """

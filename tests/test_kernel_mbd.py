@@ -113,6 +113,21 @@ def test_half_precision_inputs(dtype, b, c):
     _compare(student, teacher, targets_with_edge_rows(b, c), LOW_RTOL, reduction="sum")
 
 
+def test_mixed_dtypes_promote_like_the_reference():
+    b, c = 4, 30
+    student = torch.randn(b, c, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    teacher = torch.randn(b, c, device=DEVICE)
+    y = targets_with_edge_rows(b, c)
+    loss = kernels.mbd_loss(student, teacher, y)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert loss.dtype == ref.mbd_loss(student, teacher, y).dtype == torch.float32
+    assert grad.dtype == torch.bfloat16
+    ref_loss = ref.mbd_loss(student.double(), teacher.double(), y)
+    (ref_grad,) = torch.autograd.grad(ref_loss, student)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5, abs=1e-7)
+    assert_close_scaled(grad, ref_grad, LOW_RTOL, "grad")
+
+
 @pytest.mark.parametrize("magnitude", [1e3, 1e4])
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_extreme_logits_stay_finite(magnitude, weight_grad):

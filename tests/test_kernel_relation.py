@@ -89,6 +89,12 @@ def test_half_precision_inputs(dtype):
     _compare(r, o, LOW_RTOL)
 
 
+def test_mixed_dtypes_give_the_reference_dtype():
+    r, o = _crops(3, 4, 10)
+    r = r.to(torch.bfloat16)
+    assert kernels.relation_loss(r, o).dtype == ref.relation_loss(r, o).dtype == torch.bfloat16
+
+
 def test_large_logits():
     r, o = _crops(4, 4, 20, scale=1e3)
     _compare(r, o, FP32_RTOL)
