@@ -354,9 +354,9 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, delta: float 
         delta: Huber threshold (> 0).
 
     Returns:
-        0-dim loss in ``student.dtype`` (as the reference; float32 math): Huber of normalised within-image crop
-        distances (mean over ``B*S*S``) plus Huber of normalised distances between per-image crop
-        means (mean over ``B*B``); a term is 0 when ``S = 1`` or ``B = 1``.
+        0-dim loss in ``student.dtype`` (as the reference; float32 math): Huber of normalised
+        within-image crop distances (mean over ``B*S*S``) plus Huber of normalised distances between
+        per-image crop means (mean over ``B*B``); a term is 0 when ``S = 1`` or ``B = 1``.
     """
     _utils.check_kernel_tensor("student", student, 3, "(B, S, C)")
     _utils.check_kernel_tensor("teacher", teacher, 3, "(B, S, C)")
