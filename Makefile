@@ -24,7 +24,7 @@ help:
 
 venv:
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
-	$(PIP) install $(PIP_FLAGS) --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install $(PIP_FLAGS) --upgrade pip "setuptools>=77" wheel ninja
 	$(PIP) install $(PIP_FLAGS) $(CONSTRAINTS) torch torchvision
 
 install: venv
