@@ -24,7 +24,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--dataset",
         choices=DATASETS,
         default="synthetic",
-        help="dataset to train/evaluate on (default: the built-in synthetic multi-scale dataset)",
+        help="dataset to train/evaluate on (synthetic: the built-in multi-scale dataset)",
     )
     g.add_argument(
         "--data-dir",
@@ -32,19 +32,19 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="dataset folder (voc: holds VOCdevkit/ or is VOC2007/; coco: holds train2014/ val2014/ "
         "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder)",
     )
-    g.add_argument("--train-split", default=None, help="training split (default: trainval for voc, train otherwise)")
-    g.add_argument("--eval-split", default=None, help="evaluation split (default: test; for coco this is val2014)")
+    g.add_argument("--train-split", default=None, help="training split; unset: trainval for voc, train otherwise")
+    g.add_argument("--eval-split", default=None, help="evaluation split; unset: test (for coco that is val2014)")
     g.add_argument(
         "--voc-difficult",
         choices=VOC_DIFFICULT,
         default="positive",
-        help="VOC objects marked difficult: count as positive (default) or ignore them",
+        help="VOC objects marked difficult: count them as positive or ignore them",
     )
     g.add_argument(
         "--on-bad-image",
         choices=ON_BAD_IMAGE,
         default="error",
-        help="missing/undecodable images: stop with a list (default) or skip them and report the count",
+        help="missing/undecodable images: stop with a list (error) or skip them and report the count (skip)",
     )
     g.add_argument(
         "--manifest-classes",
@@ -55,30 +55,30 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--synthetic-size",
         type=int,
         default=SyntheticConfig.train_size,
-        help="synthetic dataset: number of training images (default %(default)s)",
+        help="synthetic dataset: number of training images",
     )
     g.add_argument(
         "--synthetic-test-size",
         type=int,
         default=None,
-        help="synthetic dataset: number of test images (default: 30%% of --synthetic-size)",
+        help="synthetic dataset: number of test images; unset: 30%% of --synthetic-size",
     )
     g.add_argument(
         "--synthetic-img-size",
         type=int,
         default=SyntheticConfig.img_size,
-        help="synthetic dataset: image side in pixels (default %(default)s)",
+        help="synthetic dataset: image side in pixels",
     )
     g.add_argument(
         "--synthetic-seed",
         type=int,
         default=SyntheticConfig.seed,
-        help="synthetic dataset: generator seed (default %(default)s)",
+        help="synthetic dataset: generator seed",
     )
     g.add_argument(
         "--synthetic-cache",
         default=None,
-        help="synthetic dataset: cache folder (default: $MSKD_FAST_CACHE or ~/.cache/mskd_fast)",
+        help="synthetic dataset: cache folder; unset: $MSKD_FAST_CACHE or ~/.cache/mskd_fast",
     )
     return g
 
