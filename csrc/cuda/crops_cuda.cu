@@ -201,8 +201,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t n = blockIdx.y; n < L.N; n += gridDim.y) {
     const int64_t idx = argmax[n * xs.n + c * xs.c + ph * xs.h + pw * xs.w];
     if (idx < 0 || idx >= H * W) continue;
-    atomicAdd(acc + (n / L.S) * as.n + c * as.c + (idx / W) * as.h + (idx % W) * as.w,
-              static_cast<T>(grad[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w]));
+    const int64_t cell = as.h == W * as.w ? idx * as.w : (idx / W) * as.h + (idx % W) * as.w;
+    atomicAdd(acc + (n / L.S) * as.n + c * as.c + cell, static_cast<T>(grad[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w]));
   }
 }
 
