@@ -1,14 +1,13 @@
 """Which implementation an op runs: the fused Triton kernels or the PyTorch reference.
 
-``backend="auto"`` picks Triton for CUDA tensors when the kernels import, the reference
-otherwise. The decision only looks at tensor devices, so under ``torch.compile`` it is resolved
+``backend="auto"`` picks Triton for CUDA tensors of float16/bfloat16/float32 when the kernels
+import, the reference otherwise (float64 included: the kernels compute in float32). The decision only looks at tensor devices, so under ``torch.compile`` it is resolved
 at trace time and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU
 tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -40,8 +39,10 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     if backend == "reference":
         return False
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors if t is not None and t.is_floating_point())
     if backend == "auto":
-        return on_cuda and triton_kernels_available()
+        # float64 stays on the reference: the kernels compute in float32 by design.
+        return on_cuda and kernel_dtypes and triton_kernels_available()
     if not triton_kernels_available():
         raise RuntimeError("backend='triton' was requested but Triton / mskd_fast.kernels cannot be imported")
     if not on_cuda and not triton_interpreter_enabled():
