@@ -1,8 +1,8 @@
 """Which implementation an op runs: the fused Triton kernels or the PyTorch reference.
 
 ``backend="auto"`` picks Triton for CUDA tensors of float16/bfloat16/float32 when the kernels
-import, the reference otherwise (float64 included: the kernels compute in float32). The decision only looks at tensor devices, so under ``torch.compile`` it is resolved
-at trace time and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU
+import, the reference otherwise (float64 included: the kernels compute in float32). The decision
+only looks at tensor devices and dtypes, so under ``torch.compile`` it is resolved at trace time and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU
 tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
@@ -15,14 +15,20 @@ import torch
 from .._validation import BACKENDS, check_choice
 
 
-@functools.cache
+_KERNELS_IMPORT: list[bool] = []  # filled once; a plain list keeps dynamo from tracing a cache wrapper
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def triton_kernels_available() -> bool:
     """True when ``mskd_fast.kernels`` (and so Triton) imports on this machine."""
-    try:
-        import mskd_fast.kernels  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return False
-    return True
+    if not _KERNELS_IMPORT:
+        try:
+            import mskd_fast.kernels  # noqa: F401
+
+            _KERNELS_IMPORT.append(True)
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _KERNELS_IMPORT.append(False)
+    return _KERNELS_IMPORT[0]
 
 
 def triton_interpreter_enabled() -> bool:
