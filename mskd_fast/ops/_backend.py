@@ -2,8 +2,9 @@
 
 ``backend="auto"`` picks Triton for CUDA tensors of float16/bfloat16/float32 when the kernels
 import, the reference otherwise (float64 included: the kernels compute in float32). The decision
-only looks at tensor devices and dtypes, so under ``torch.compile`` it is resolved at trace time and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU
-tensors that only works under the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
+only looks at tensor devices and dtypes, so under ``torch.compile`` it is resolved at trace time
+and never causes a graph break. ``backend="triton"`` forces the kernels; on CPU tensors that only
+works under the Triton interpreter (``TRITON_INTERPRET=1``), which the tests use.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import torch
 
 from .._validation import BACKENDS, check_choice
 
-
-_KERNELS_IMPORT: list[bool] = []  # filled once; a plain list keeps dynamo from tracing a cache wrapper
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNELS_IMPORT: list[bool] = []  # filled once; a plain list keeps dynamo from tracing a cache wrapper
 
 
 def triton_kernels_available() -> bool:
@@ -44,10 +44,10 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     check_choice("backend", backend, BACKENDS)
     if backend == "reference":
         return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in tensors if t is not None and t.is_floating_point())
+    present = [t for t in tensors if t is not None]
+    on_cuda = all(t.is_cuda for t in present)
     if backend == "auto":
-        # float64 stays on the reference: the kernels compute in float32 by design.
+        kernel_dtypes = all(t.dtype in _KERNEL_DTYPES for t in present if t.is_floating_point())
         return on_cuda and kernel_dtypes and triton_kernels_available()
     if not triton_kernels_available():
         raise RuntimeError("backend='triton' was requested but Triton / mskd_fast.kernels cannot be imported")
