@@ -64,15 +64,17 @@ struct ColumnTaps {
 template <typename T>
 void bin_samples(const std::vector<Tap<T>>& ytaps, const ColumnTaps<T>& cols, int64_t pw, int64_t grid_w, int64_t sh,
                  int64_t sw, std::vector<Sample<T>>& out) {
-  out.clear();
+  out.resize(ytaps.size() * static_cast<size_t>(grid_w));
+  size_t m = 0;
   for (const Tap<T>& ty : ytaps) {
     for (int64_t k = pw * grid_w; k < (pw + 1) * grid_w; ++k) {
       if (!cols.ok[k]) continue;
       const Tap<T>& tx = cols.taps[k];
-      out.push_back({ty.lo * sh + tx.lo * sw, ty.lo * sh + tx.hi * sw, ty.hi * sh + tx.lo * sw, ty.hi * sh + tx.hi * sw,
-                     ty.wlo * tx.wlo, ty.wlo * tx.whi, ty.whi * tx.wlo, ty.whi * tx.whi});
+      out[m++] = {ty.lo * sh + tx.lo * sw, ty.lo * sh + tx.hi * sw, ty.hi * sh + tx.lo * sw, ty.hi * sh + tx.hi * sw,
+                  ty.wlo * tx.wlo, ty.wlo * tx.whi, ty.whi * tx.wlo, ty.whi * tx.whi};
     }
   }
+  out.resize(m);
 }
 
 int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)); }
@@ -92,7 +94,7 @@ void align_pixel(const in_t* __restrict__ img, int64_t C, int64_t sc, const Samp
       v += s.w1 * static_cast<T>(plane[s.o1]) + s.w2 * static_cast<T>(plane[s.o2]) +
            s.w3 * static_cast<T>(plane[s.o3]) + s.w4 * static_cast<T>(plane[s.o4]);
     }
-    v /= count;
+    if (count != T(1)) v /= count;  // v / 1 == v exactly: skip the division of the crop path
     if (mean != nullptr) v = v - mean[c];
     if (stdev != nullptr) v = v / stdev[c];
     op[c * osc] = static_cast<out_t>(v);
