@@ -161,11 +161,12 @@ def test_empty_crop_count(device):
 # ------------------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gradcheck_float64(channels_last):
-    images = random_images(2, 2, 7, 9, torch.float64, "cpu", channels_last).requires_grad_()
-    edges = edge_boxes(7, 9, "cpu", torch.float64)[:, :2]
-    boxes = torch.cat([random_boxes(2, 2, 7, 9, "cpu", torch.float64), edges], 1)
+def test_gradcheck_float64(device, channels_last):
+    images = random_images(2, 2, 7, 9, torch.float64, device, channels_last).requires_grad_()
+    edges = edge_boxes(7, 9, device, torch.float64)[:, :2]
+    boxes = torch.cat([random_boxes(2, 2, 7, 9, device, torch.float64), edges], 1)
     assert torch.autograd.gradcheck(lambda x: crop_resize(x, boxes, (3, 4)), (images,))
     assert torch.autograd.gradcheck(
         lambda x: crop_resize(x, boxes, (2, 3), channels_last=True, mean=[0.1, -0.2], std=[0.5, 2.0]), (images,)
@@ -212,7 +213,8 @@ def test_opcheck(device):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
     """Both extension ops inside one torch.compile(fullgraph=True) graph: forward and backward."""
     torch._dynamo.reset()
 
@@ -222,9 +224,9 @@ def test_compile_fullgraph_matches_eager():
         pooled_avg = roi_pool(features, boxes, 0.25, (2, 3), mode="avg")
         return (crops_ * crops_).mean() + pooled_max.sin().sum() + pooled_avg.cos().sum()
 
-    images = random_images(2, 3, 16, 20, torch.float32, "cpu").requires_grad_()
-    features = torch.randn(2, 8, 4, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
-    boxes = random_boxes(2, 3, 16, 20, "cpu")
+    images = random_images(2, 3, 16, 20, torch.float32, device).requires_grad_()
+    features = torch.randn(2, 8, 4, 5, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    boxes = random_boxes(2, 3, 16, 20, device)
     compiled = torch.compile(step, fullgraph=True)
     loss, grads = [], []
     for fn in (step, compiled):

@@ -103,11 +103,12 @@ def test_scales_and_sub_pixel_boxes(device, mode):
 # ------------------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_gradcheck_float64(mode, channels_last):
-    features = random_features(2, 3, 5, 6, torch.float64, "cpu", channels_last).requires_grad_()
-    boxes = image_boxes(2, 4, 20, 24, "cpu", torch.float64)
+def test_gradcheck_float64(device, mode, channels_last):
+    features = random_features(2, 3, 5, 6, torch.float64, device, channels_last).requires_grad_()
+    boxes = image_boxes(2, 4, 20, 24, device, torch.float64)
     assert torch.autograd.gradcheck(lambda x: roi_pool(x, boxes, 0.25, (2, 3), mode=mode), (features,))
     assert torch.autograd.gradcheck(lambda x: roi_pool(x, boxes, 0.25, 1, mode=mode), (features,))
 
