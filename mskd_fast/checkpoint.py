@@ -15,9 +15,16 @@ import tempfile
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "atomic_save", "capture_rng", "load_checkpoint", "restore_rng"]
+__all__ = ["FORMAT", "atomic_save", "capture_rng", "default_file_mode", "load_checkpoint", "restore_rng"]
 
 FORMAT = "mskd-fast-checkpoint-v1"
+
+
+def default_file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_save(obj, path: str | os.PathLike) -> str:
@@ -31,6 +38,7 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -145,24 +145,29 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.error(str(exc))
     try:
-        meta = ckpt["meta"]
-        index = index_from_args(args, "eval")
-        if index.num_classes != meta["num_classes"] or list(index.class_names) != list(meta["class_names"]):
-            raise ValueError(
-                f"dataset {args.dataset} has {index.num_classes} classes {index.class_names[:5]}..., the checkpoint "
-                f"was trained on {meta['num_classes']} classes {meta['class_names'][:5]}...: class lists differ"
-            )
-        model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
-                                roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
-        model.load_state_dict(ckpt["model"])
-        model.to(ctx.device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        model.eval()
-        amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-        loader = build_loader(index, train=False, batch_size=args.batch_size, img_size=args.img_size,
-                              loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
-                              num_shards=ctx.world_size, channels_last=args.channels_last, device=ctx.device)
+        try:
+            meta = ckpt["meta"]
+            index = index_from_args(args, "eval")
+            if index.num_classes != meta["num_classes"] or list(index.class_names) != list(meta["class_names"]):
+                raise ValueError(
+                    f"dataset {args.dataset} has {index.num_classes} classes {index.class_names[:5]}..., the "
+                    f"checkpoint was trained on {meta['num_classes']} classes {meta['class_names'][:5]}...: "
+                    "class lists differ"
+                )
+            model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
+                                    roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
+            model.load_state_dict(ckpt["model"])
+            model.to(ctx.device)
+            if args.channels_last:
+                model.to(memory_format=torch.channels_last)
+            model.eval()
+            amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
+            loader = build_loader(index, train=False, batch_size=args.batch_size, img_size=args.img_size,
+                                  loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
+                                  num_shards=ctx.world_size, channels_last=args.channels_last, device=ctx.device)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         metrics = evaluate(model, loader, meta["num_classes"], class_names=index.class_names,
                            amp_dtype=amp_dtype, threshold=args.threshold, distributed=ctx.distributed)
         if ctx.is_main:

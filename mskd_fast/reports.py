@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mskd_fast.checkpoint import default_file_mode
+
 __all__ = [
     "METRIC_KEYS",
     "format_metrics",
@@ -37,6 +39,7 @@ def write_text(path: str, text: str) -> str:
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -131,6 +134,7 @@ def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "")
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

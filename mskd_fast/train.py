@@ -382,7 +382,16 @@ class Trainer:
                               "saved (loader augmentation not reproducible); this step runs without S-SD")
                     self.step.drop_q_prev()
                 self.look_ahead_fp = None
-            nxt = next(stream, None)
+            try:
+                nxt = next(stream, None)
+            except Exception:
+                if self.stop_signal is None:
+                    raise
+                # Ctrl-C reached the loader's worker processes too (same process group) and they died:
+                # stop before this step, whose batch (and S-SD logits) the checkpoint then points at.
+                if bar is not None:
+                    bar.close()
+                return self._stop("signal", cur)
             out = self.step(images, targets, None if nxt is None else nxt[2][0])
             st = self.epoch_stats
             for key in TERMS:

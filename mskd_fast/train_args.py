@@ -28,12 +28,12 @@ __all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_de
 # Demo profiles for the synthetic dataset (keys are argparse dests). Sized from measurements on a
 # 2-core CPU and one H100; see docs and the trainer's printout.
 DEMO_CPU = {
-    "model": "resnet10t", "img_size": 64, "batch_size": 32, "epochs": 6, "lr": 0.05,
-    "synthetic_size": 640, "synthetic_test_size": 320, "warmup_epochs": 1,
+    "model": "resnet10t", "img_size": 64, "batch_size": 32, "epochs": 5, "lr": 0.01,
+    "synthetic_size": 480, "synthetic_test_size": 240, "warmup_epochs": 1,
 }
 DEMO_GPU = {
-    "model": "resnet18", "img_size": 128, "batch_size": 64, "epochs": 12, "lr": 0.1,
-    "synthetic_size": 4000, "synthetic_test_size": 1000, "warmup_epochs": 1,
+    "model": "resnet18", "img_size": 128, "batch_size": 64, "epochs": 10, "lr": 0.02,
+    "synthetic_size": 2000, "synthetic_test_size": 500, "warmup_epochs": 1,
 }
 PAPER = {
     "model": "resnet34", "img_size": 224, "batch_size": 64, "epochs": 80, "lr": 0.01, "warmup_epochs": 0,
@@ -229,10 +229,23 @@ def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool
         args.lr_backbone_mult = 0.1 if pretrained else 1.0
         why = "pretrained backbone" if pretrained else "backbone from random init"
         notes.append(f"lr_backbone_mult={args.lr_backbone_mult} ({why})")
+    if args.amp and args.amp_dtype == "bfloat16" and not on_cuda and not cpu_has_native_bf16():
+        notes.append("this CPU has no native bfloat16 (AVX512-BF16/AMX): --amp bf16 is emulated and may be "
+                     "slower than fp32 here")
     if args.compile is None:
         args.compile = on_cuda
         notes.append(f"compile={args.compile} ({'CUDA' if on_cuda else 'CPU'} device)")
     return notes
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _need(cond: bool, flag: str, expected: str, value) -> None:
