@@ -74,7 +74,8 @@ def _measure(benchmark, bench_run, device, base, case):
         assert out["ssd"] != 0 and out["lsd"] != 0  # S-SD and the crop terms were active in the timed steps
     else:
         assert out["lsd"] == out["rsd"] == out["ssd"] == 0
-    benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain correctness run)
+        benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.mean
     benchmark.extra_info["baseline"] = kind == "vanilla"
 
 
