@@ -44,12 +44,14 @@ def render(data: dict, title: str = "Benchmark report") -> str:
     machine = data.get("machine_info", {})
     devices = sorted({b.get("extra_info", {}).get("device", "cpu") for b in data.get("benchmarks", [])})
     versions = data.get("versions") or {}
+    cpu = machine.get("cpu", {})
+    commit = data.get("commit_info", {}).get("id", _commit())[:10]
     lines = [
         f"## {title}",
         "",
-        f"- devices: {', '.join(devices) or 'none'}; host CPU: {machine.get('cpu', {}).get('brand_raw', 'unknown')}"
-        f" ({machine.get('cpu', {}).get('count', '?')} cores)",
-        f"- python {machine.get('python_version', '?')}; commit {data.get('commit_info', {}).get('id', _commit())[:10]}",
+        f"- devices: {', '.join(devices) or 'none'}; host CPU: {cpu.get('brand_raw', 'unknown')}"
+        f" ({cpu.get('count', '?')} cores)",
+        f"- python {machine.get('python_version', '?')}; commit {commit}",
     ]
     lines += [f"- {name}: {value}" for name, value in sorted(versions.items())]
     lines += [
