@@ -302,3 +302,38 @@ def test_fullgraph_compiled_step_matches_eager():
         torch.testing.assert_close(compiled.last[key], eager.last[key], rtol=1e-4, atol=1e-5)
     for p, q in zip(model_e.parameters(), model_c.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_fullgraph_step_matches_eager_bf16():
+    """Inductor-compiled step (fullgraph, bf16, channels-last) on CUDA vs the same step eager."""
+    torch._dynamo.reset()
+    device = torch.device("cuda")
+    steps, models = [], []
+    for compiled in (False, True):
+        torch.manual_seed(7)
+        model, _ = create_model("resnet10t", C, **TINY)
+        model = model.to(device).to(memory_format=torch.channels_last)
+        teacher = eval_twin(model)
+        model.train()
+        config = StepConfig(amp_dtype=torch.bfloat16)
+        opt = build_optimizer(model, 0.01)
+        gen = torch.Generator(device=device).manual_seed(3)
+        steps.append(TrainStep(model, teacher, MSKDLoss(), opt, None, config, gen, compile=compiled))
+        models.append(model)
+    x1, y1 = (t.to(device) for t in _batch(b=8, seed=1))
+    x2, y2 = (t.to(device) for t in _batch(b=8, seed=2))
+    x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+    outs = []
+    for step in steps:
+        step(x1, y1, x2)
+        out = step(x2, y2, x1)
+        step(x1, y1, None)
+        outs.append(out)
+    for key in ("total", "bce", "lsd", "rsd", "ssd"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=5e-2, atol=5e-3)
+    assert outs[1]["skipped"] == 0 and outs[1]["ssd"] != 0
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=5e-2, atol=5e-3)

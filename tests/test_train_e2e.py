@@ -190,3 +190,13 @@ def test_ddp_two_processes_gloo_matches_single_process_evaluation(cache, tmp_pat
         assert metrics[key] == pytest.approx(float(rows[-1][key]), rel=1e-5, abs=1e-4), key
     blob = load_checkpoint(run / "last.pt")
     assert blob["world_size"] == 2 and len(blob["rng"]) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_end_to_end_default_loader(cache, tmp_path):
+    argv = _argv(cache, tmp_path, "cuda", "--amp", "--device", "cuda", "--no-compile", epochs=1)
+    argv[argv.index("--loader") + 1] = "auto"  # DALI (GPU decode) when installed, else torch
+    assert main(argv) == 0
+    rows = _rows(tmp_path / "cuda")
+    assert rows[-1]["eval_samples"] == "24" and float(rows[-1]["loss"]) > 0
