@@ -337,3 +337,29 @@ def test_cuda_compiled_fullgraph_step_matches_eager_bf16():
     assert outs[1]["skipped"] == 0 and outs[1]["ssd"] != 0
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=5e-2, atol=5e-3)
+
+
+def test_float16_amp_uses_the_grad_scaler_and_skips_non_finite_steps():
+    torch.manual_seed(0)
+    model, _ = create_model("resnet10t", C, **TINY)
+    model = model.to(memory_format=torch.channels_last)
+    teacher = eval_twin(model)
+    config = StepConfig(amp_dtype=torch.float16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    step = TrainStep(model, teacher, MSKDLoss(), build_optimizer(model, 0.05), None, config,
+                     torch.Generator().manual_seed(0), scaler=scaler)
+    x, y = _batch()
+    params = [p.detach().clone() for p in model.parameters()]
+    out = step(x, y, x)
+    assert out["skipped"] == 0 and torch.isfinite(out["total"])
+    assert any(not torch.equal(p, p0) for p, p0 in zip(model.parameters(), params))
+    bad = x.clone()
+    bad[1, 2, 3, 4] = float("inf")
+    params = [p.detach().clone() for p in model.parameters()]
+    out = step(bad, y, x)
+    assert out["skipped"] == 1
+    assert all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), params))
+    assert scaler.get_scale() < 2.0**10  # the scaler saw the overflow and backed off
+    with pytest.raises(ValueError, match="GradScaler"):
+        TrainStep(model, teacher, MSKDLoss(), step.optimizer, None, StepConfig(amp_dtype=torch.bfloat16), None,
+                  scaler=scaler)
