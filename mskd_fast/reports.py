@@ -159,7 +159,7 @@ def _fmt_display(value) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+        return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
     return str(value)
 
 
