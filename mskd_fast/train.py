@@ -374,7 +374,7 @@ class Trainer:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         while cur is not None:
             epoch, i, (images, targets, ids) = cur
-            if bar is None and ctx.is_main and not a.no_progress:
+            if bar is None and ctx.is_main and not a.no_progress and sys.stdout.isatty():
                 bar = self._progress_bar(epoch, i)
             if self.look_ahead_fp is not None:  # first step after a resume: is q_prev for this very batch?
                 if self.step.q_prev is not None and not _same_batch(self.look_ahead_fp, images, ids):

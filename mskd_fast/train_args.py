@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate every N epochs (the last epoch is always evaluated); 0 = last epoch only")
     r.add_argument("--threshold", type=float, default=0.5, help="probability threshold of OP/OR/OF1/CP/CR/CF1")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    r.add_argument("--no-progress", action="store_true", help="no tqdm bars (log lines instead)")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no tqdm bars, log lines instead (also when stdout is not a terminal)")
     return p
 
 
