@@ -96,8 +96,13 @@ def capture_rng(box_generator: torch.Generator | None = None) -> dict:
     return state
 
 
-def restore_rng(state: dict, box_generator: torch.Generator | None = None) -> None:
-    """Inverse of :func:`capture_rng` (CUDA states only for the devices present)."""
+def restore_rng(state: dict, box_generator: torch.Generator | None = None) -> list[str]:
+    """Inverse of :func:`capture_rng` (CUDA states only for the devices present).
+
+    Returns notes about states that could not be restored (a box-generator state saved on another
+    device type, e.g. resuming a CPU run on a GPU); those streams keep their fresh seeds.
+    """
+    notes = []
     version, py_state, gauss = state["python"]
     random.setstate((version, tuple(py_state), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -108,4 +113,9 @@ def restore_rng(state: dict, box_generator: torch.Generator | None = None) -> No
         for index, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state, index)
     if box_generator is not None and state.get("box_generator") is not None:
-        box_generator.set_state(state["box_generator"])
+        try:
+            box_generator.set_state(state["box_generator"])
+        except RuntimeError as exc:
+            notes.append(f"crop-box RNG state not restored (saved on another device type: {exc}); "
+                         "boxes continue from --seed")
+    return notes

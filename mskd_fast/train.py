@@ -253,7 +253,8 @@ class Trainer:
         self.step.load_state_dict(blob["step_state"])
         rngs = blob["rng"]
         if len(rngs) == ctx.world_size:
-            restore_rng(rngs[ctx.rank], self.box_generator)
+            for note in restore_rng(rngs[ctx.rank], self.box_generator):
+                self.notes.append(note)
         else:
             print(f"note: checkpoint has RNG states of {len(rngs)} processes, this run has {ctx.world_size}: "
                   "RNG streams restart from --seed (the run continues, but not bit-exactly)")

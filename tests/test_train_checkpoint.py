@@ -1,0 +1,70 @@
+"""mskd_fast.checkpoint: atomic writes, validated reads, RNG capture/restore."""
+
+import os
+import random
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from mskd_fast.checkpoint import FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
+
+
+def test_atomic_save_round_trip_mode_and_no_leftovers(tmp_path):
+    path = tmp_path / "sub" / "last.pt"
+    blob = {"format": FORMAT, "model": {"w": torch.arange(4.0)}, "history": [{"epoch": 1, "mAP": float("nan")}]}
+    atomic_save(blob, path)
+    atomic_save(blob, path)  # overwrite in place
+    assert os.listdir(tmp_path / "sub") == ["last.pt"]
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    back = load_checkpoint(path)
+    assert torch.equal(back["model"]["w"], torch.arange(4.0))
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"format": FORMAT, "model": {}}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"format": FORMAT, "model": Unpicklable()}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]
+    assert load_checkpoint(path)["model"] == {}
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "none.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        load_checkpoint(bad)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="--initial-checkpoint"):
+        load_checkpoint(foreign)
+    partial = tmp_path / "partial.pt"
+    torch.save({"format": FORMAT}, partial)
+    with pytest.raises(ValueError, match="lacks"):
+        load_checkpoint(partial, require=("model", "optimizer"))
+
+
+def test_rng_capture_restore_round_trip_through_a_file(tmp_path):
+    gen = torch.Generator().manual_seed(11)
+    torch.rand(5, generator=gen)
+    state = capture_rng(gen)
+    atomic_save({"format": FORMAT, "model": {}, "rng": state}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen))  # noqa: NPY002
+    for _ in range(3):  # advance every stream
+        random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen)  # noqa: NPY002
+    assert restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"], gen) == []
+    again = (random.random(), np.random.rand(), torch.rand(3), torch.rand(3, generator=gen))  # noqa: NPY002
+    assert expected[0] == again[0] and expected[1] == again[1]
+    assert torch.equal(expected[2], again[2]) and torch.equal(expected[3], again[3])
