@@ -301,7 +301,9 @@ class TrainStep:
         q_prev = self.q_prev if cfg.use_ssd else None
         look_ahead = None
         if cfg.use_ssd:
-            look_ahead = next_images if next_images is not None else images
+            # no next batch (last step): forward a copy of this one to keep the compiled shapes (a copy, not
+            # the same tensor, which would be a duplicate input and recompile); the result is dropped
+            look_ahead = next_images if next_images is not None else images.clone()
         fn = self.compiled
         if fn is None or (cfg.use_ssd and q_prev is None):
             fn = self.forward_loss

@@ -363,3 +363,24 @@ def test_float16_amp_uses_the_grad_scaler_and_skips_non_finite_steps():
     with pytest.raises(ValueError, match="GradScaler"):
         TrainStep(model, teacher, MSKDLoss(), step.optimizer, None, StepConfig(amp_dtype=torch.bfloat16), None,
                   scaler=scaler)
+
+
+def test_compiled_region_is_traced_once_per_run():
+    """Steady state, last step (no next batch) and a step after a non-finite one reuse one graph."""
+    torch._dynamo.reset()
+    _, _, step = _setup(amp_dtype=torch.bfloat16)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    step.compiled = torch.compile(step.forward_loss, fullgraph=True, dynamic=False, backend=counting_backend)
+    x1, y1 = _batch(seed=1)
+    x2, y2 = _batch(seed=2)
+    step(x1, y1, x2)  # first step: no q_prev, eager
+    assert not graphs
+    step(x2, y2, x1)
+    step(x1, y1, x2)
+    step(x2, y2, None)  # last step of training
+    assert len(graphs) == 1
