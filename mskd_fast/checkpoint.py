@@ -10,48 +10,22 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 
 import numpy as np
 import torch
+
+from mskd_fast._atomic import atomic_path, default_file_mode
 
 __all__ = ["FORMAT", "atomic_save", "capture_rng", "default_file_mode", "load_checkpoint", "restore_rng"]
 
 FORMAT = "mskd-fast-checkpoint-v1"
 
 
-def default_file_mode() -> int:
-    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (mkstemp uses 0o600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def atomic_save(obj, path: str | os.PathLike) -> str:
     """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)
     return path
 
 

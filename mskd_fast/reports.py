@@ -9,13 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mskd_fast.checkpoint import default_file_mode
+from mskd_fast._atomic import atomic_path
 
 __all__ = [
     "METRIC_KEYS",
@@ -33,18 +31,8 @@ METRIC_KEYS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1", "P@1", "R@1")
 
 def write_text(path: str, text: str) -> str:
     """Write ``text`` to ``path`` atomically; returns the path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
     return path
 
 
@@ -129,17 +117,8 @@ def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "")
     ax_lr.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".curves.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from mskd_fast._atomic import atomic_path
 
 from ._checks import as_array, check_finite, check_threshold
 
@@ -173,12 +174,5 @@ def plot_scale_recall(tables: Mapping[str, Sequence[Mapping]], path: str | os.Pa
     ax_recall.set_title("Recall by object scale")
     ax_count.set_xlabel("sqrt(object area) at training resolution (px)")
     ax_count.set_ylabel("objects")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1] or ".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

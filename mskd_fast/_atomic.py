@@ -1,0 +1,54 @@
+"""Atomic file writes: every report, plot and checkpoint goes through :func:`atomic_path`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["atomic_path", "default_file_mode"]
+
+
+def default_file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open()`` would give a new file (mkstemp uses 0o600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; when the block succeeds, move it over ``path``.
+
+    The caller writes the whole file to the yielded path. On success the file gets the mode a plain
+    ``open()`` would give and is renamed onto ``path`` with ``os.replace`` (readers never see a
+    half-written file); on any exception it is removed and ``path`` is untouched. ``durable=True``
+    also fsyncs the file before the rename and the folder after it (for checkpoints).
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1] or ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable:
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:  # some filesystems cannot fsync a folder; the rename itself is still atomic
+            pass
