@@ -1,6 +1,6 @@
 """Turn a pytest-benchmark JSON file into one markdown table of ratios against same-run baselines.
 
-Usage: ``python bench/report.py BENCH.json [--title TEXT] > report.md``
+Usage: ``python bench/report.py BENCH.json [MORE.json ...] [--title TEXT] > report.md``
 
 Within each benchmark group the baseline is the entry whose ``extra_info["baseline"]`` is true
 (else the slowest entry). Every row shows its mean time, the speed-up of the group's baseline over
@@ -79,18 +79,23 @@ def render(data: dict, title: str = "Benchmark report") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_path", type=Path, help="file written by pytest --benchmark-json")
+    parser.add_argument("json_paths", type=Path, nargs="+", help="files written by pytest --benchmark-json")
     parser.add_argument("--title", default="Benchmark report")
     parser.add_argument("--versions", action="store_true", help="add torch/triton versions found in this process")
     args = parser.parse_args(argv)
-    if not args.json_path.is_file():
-        print(f"error: benchmark JSON not found: {args.json_path}", file=sys.stderr)
-        return 2
-    try:
-        data = json.loads(args.json_path.read_text())
-    except json.JSONDecodeError as exc:
-        print(f"error: {args.json_path} is not valid JSON: {exc}", file=sys.stderr)
-        return 2
+    data: dict = {"benchmarks": []}
+    for path in args.json_paths:
+        if not path.is_file():
+            print(f"error: benchmark JSON not found: {path}", file=sys.stderr)
+            return 2
+        try:
+            part = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            print(f"error: {path} is not valid JSON: {exc}", file=sys.stderr)
+            return 2
+        for key in ("machine_info", "commit_info"):
+            data.setdefault(key, part.get(key, {}))
+        data["benchmarks"].extend(part.get("benchmarks", []))
     if args.versions:
         import torch
 
