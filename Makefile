@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make train   - install (with DALI) and train MSKD on the built-in synthetic dataset"
-	@echo "make test    - install (with dev tools) and run the test suite"
+	@echo "make test    - install (with dev tools), run the test suite, then each benchmark once as a test"
 	@echo "make bench   - run the benchmark suite (pytest bench/ --benchmark-only)"
 	@echo "make lint    - ruff check"
 
@@ -38,6 +38,7 @@ train: install
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest bench/ --benchmark-disable -q -p no:cacheprovider
 
 bench: install-dev
 	$(PY) -m pytest bench/ --benchmark-only
