@@ -150,6 +150,22 @@ def eval_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
+def batch_stat_twin(model: nn.Module) -> nn.Module:
+    """Like :func:`eval_twin`, but BatchNorm layers normalise with the statistics of the batch they see.
+
+    An opt-in teacher for from-scratch experiments (``--teacher-bn batch``); SPEC 5's teacher is
+    :func:`eval_twin`. BatchNorm runs in train mode with ``track_running_stats=False`` on the twin only,
+    so it uses batch statistics and never updates the shared running statistics; Dropout and every other
+    layer stay in eval behaviour. The twin must not be used for evaluation.
+    """
+    twin = eval_twin(model)
+    for module in twin.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.train()
+            module.track_running_stats = False
+    return twin
+
+
 @dataclass
 class CachedWeights:
     """Where ``find_cached_pretrained`` found weights: a local ``path`` and which ``source`` cache held it."""

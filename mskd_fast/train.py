@@ -103,7 +103,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume_blob: dict | None):
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
-        from mskd_fast.models import create_model, eval_twin, load_initial_checkpoint
+        from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
 
         self.args, self.ctx, self.notes = args, ctx, notes
@@ -186,7 +186,8 @@ class Trainer:
             warmup_steps=int(round(args.warmup_epochs * self.steps_per_epoch)), sched=args.sched,
             step_every=max(1, int(round(args.decay_epochs * self.steps_per_epoch))))
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.step = TrainStep(train_model, self.teacher, loss_fn, self.optimizer, self.scheduler, config,
+        step_teacher = batch_stat_twin(model) if args.teacher_bn == "batch" else self.teacher
+        self.step = TrainStep(train_model, step_teacher, loss_fn, self.optimizer, self.scheduler, config,
                               self.box_generator, scaler=self.scaler, compile=args.compile,
                               fullgraph=not ctx.distributed)
 

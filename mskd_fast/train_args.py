@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-rsd", action="store_true", help="ablation: drop R-SD")
     k.add_argument("--no-ssd", action="store_true", help="ablation: drop S-SD")
     k.add_argument("--no-mbd", action="store_true", help="ablation: softmax KD instead of MBD in R-SD and S-SD")
+    k.add_argument("--teacher-bn", choices=("eval", "batch"), default="eval",
+                   help="teacher BatchNorm: running statistics (eval, SPEC 5) or, as an opt-in experiment for "
+                        "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
     k.add_argument("--loss-backend", choices=("auto", "reference", "triton"), default="auto",
                    help="loss kernels: fused Triton on CUDA (auto), or the PyTorch reference")
 

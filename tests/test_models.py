@@ -171,3 +171,26 @@ def test_initial_checkpoint_errors(tmp_path):
     torch.save(timm.create_model("resnet10t", num_classes=0).state_dict(), wrong)  # other widths
     with pytest.raises(ValueError, match="no tensor|lacks"):
         load_initial_checkpoint(model, str(wrong))
+
+
+def test_batch_stat_twin_uses_batch_statistics_and_leaves_running_stats():
+    import torch.nn as nn
+
+    from mskd_fast.models import batch_stat_twin, eval_twin
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model[1].running_mean.fill_(3.0)
+    twin = batch_stat_twin(model)
+    x = torch.randn(5, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = twin(x)
+        feats = model[0](x)
+        expected = model[4](model[3](torch.nn.functional.batch_norm(
+            feats, None, None, model[1].weight, model[1].bias, training=True, eps=model[1].eps)))
+    torch.testing.assert_close(out, expected)  # batch statistics, and Dropout stayed off
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model[1].track_running_stats and eval_twin(model)[1].track_running_stats
+    assert twin[0].weight is model[0].weight
