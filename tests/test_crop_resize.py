@@ -17,6 +17,7 @@ from torchvision.ops import roi_align
 from mskd_fast import reference
 from mskd_fast.ops import crops
 from mskd_fast.ops.crops import crop_resize, roi_pool
+from mskd_fast.reference import boxes_to_rois as rois_of
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.cuda, NEEDS_CUDA))]
@@ -27,12 +28,6 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 def _poison(monkeypatch):
     monkeypatch.setenv("MSKD_FAST_POISON", "1")
     assert crops.extension_status()["poison"]
-
-
-def rois_of(boxes: torch.Tensor) -> torch.Tensor:
-    b, s, _ = boxes.shape
-    index = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat_interleave(s)
-    return torch.cat([index[:, None], boxes.reshape(-1, 4)], 1)
 
 
 def random_images(b, c, h, w, dtype, device, channels_last=False):

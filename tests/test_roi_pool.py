@@ -12,6 +12,7 @@ from torchvision.ops import roi_align
 
 from mskd_fast.ops import crops
 from mskd_fast.ops.crops import roi_pool
+from mskd_fast.reference import boxes_to_rois as rois_of
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
 DEVICES = ["cpu", pytest.param("cuda", marks=(pytest.mark.cuda, NEEDS_CUDA))]
@@ -21,12 +22,6 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 def _poison(monkeypatch):
     monkeypatch.setenv("MSKD_FAST_POISON", "1")
     assert crops.extension_status()["poison"]
-
-
-def rois_of(boxes: torch.Tensor) -> torch.Tensor:
-    b, s, _ = boxes.shape
-    index = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat_interleave(s)
-    return torch.cat([index[:, None], boxes.reshape(-1, 4)], 1)
 
 
 def random_features(b, d, h, w, dtype, device, channels_last=False):
