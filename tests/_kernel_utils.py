@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SPEC_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "spec_vectors.json"
+# The repository's copy of SPEC's float64 vectors (tests/test_spec_data.py checks it against ../shared).
+SPEC_VECTORS = Path(__file__).resolve().parent / "data" / "spec_vectors.json"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 cuda_only = [
@@ -27,7 +28,7 @@ ignore_interpreter_nan_warnings = pytest.mark.filterwarnings("ignore::RuntimeWar
 
 def spec_cases() -> list[dict]:
     if not SPEC_VECTORS.exists():
-        pytest.skip(f"spec vectors not found at {SPEC_VECTORS}")
+        pytest.fail(f"spec vectors not found at {SPEC_VECTORS} (they are part of the repository)")
     return json.loads(SPEC_VECTORS.read_text())["cases"]
 
 
