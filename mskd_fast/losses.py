@@ -9,7 +9,31 @@ from torch import nn
 from . import ops
 from ._validation import check_float, check_rank, check_same_device, check_targets
 
-__all__ = ["MBDLoss", "RelationLoss", "MSKDLoss"]
+__all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
+
+# SPEC 6 recipes: the settings each one fixes; everything else is shared. ``iota`` of ``stable`` is the
+# value chosen by the accuracy study's validation rule (docs/ACCURACY.md).
+RECIPES = {
+    "stable": {"mbd_form": "divergence", "rsd_teacher_scale": "match", "iota": 0.15},
+    "paper": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.5},
+}
+_RSD_TEACHER_SCALES = ("match", "none")
+
+
+def resolve_recipe(recipe: str, **overrides) -> dict:
+    """The recipe's settings (``mbd_form``, ``rsd_teacher_scale``, ``iota``) with non-``None`` overrides applied.
+
+    Raises ``ValueError`` for an unknown recipe or setting name.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(map(repr, RECIPES))}, got {recipe!r}")
+    settings = dict(RECIPES[recipe])
+    for key, value in overrides.items():
+        if key not in settings:
+            raise ValueError(f"unknown recipe setting {key!r}; expected one of {', '.join(settings)}")
+        if value is not None:
+            settings[key] = value
+    return settings
 
 
 class MBDLoss(nn.Module):
@@ -23,24 +47,26 @@ class MBDLoss(nn.Module):
         gamma_neg: float = 1.0,
         weight_grad: bool = False,
         reduction: str = "mean",
+        form: str = "divergence",
         backend: str = "auto",
     ) -> None:
         super().__init__()
         self.temperature, self.omega = temperature, omega
         self.gamma_pos, self.gamma_neg = gamma_pos, gamma_neg
-        self.weight_grad, self.reduction, self.backend = weight_grad, reduction, backend
+        self.weight_grad, self.reduction, self.form, self.backend = weight_grad, reduction, form, backend
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return ops.mbd_loss(
             student, teacher, targets, temperature=self.temperature, omega=self.omega,
             gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, weight_grad=self.weight_grad,
-            reduction=self.reduction, backend=self.backend,
+            reduction=self.reduction, form=self.form, backend=self.backend,
         )
 
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, omega={self.omega}, gamma_pos={self.gamma_pos}, "
-            f"gamma_neg={self.gamma_neg}, weight_grad={self.weight_grad}, reduction={self.reduction!r}"
+            f"gamma_neg={self.gamma_neg}, weight_grad={self.weight_grad}, reduction={self.reduction!r}, "
+            f"form={self.form!r}"
         )
 
 
@@ -66,11 +92,16 @@ class MSKDLoss(nn.Module):
     Returns ``(total, terms)``: ``total`` is differentiable; ``terms`` maps ``"bce"``, ``"lsd"``,
     ``"rsd"``, ``"ssd"`` to detached 0-dim tensors of the *unweighted* terms (0 when off).
     ``use_mbd=False`` replaces MBD by plain softmax KD in R-SD and S-SD (paper Table 3).
+
+    ``recipe`` (SPEC 6): ``"stable"`` (default: MBD ``form="divergence"``, R-SD teacher scale-matched to
+    ``q``, ``iota=0.15``) or ``"paper"`` (the equations as written: ``form="paper"``, no scale matching,
+    ``iota=1.5``). ``iota``, ``mbd_form`` and ``rsd_teacher_scale`` left at ``None`` take the recipe's
+    value; given explicitly they override it. The resolved values are attributes of the module.
     """
 
     def __init__(
         self,
-        iota: float = 1.5,
+        iota: float | None = None,
         kappa: float = 2.0,
         lam: float = 2.0,
         temperature: float = 4.0,
@@ -83,10 +114,20 @@ class MSKDLoss(nn.Module):
         use_rsd: bool = True,
         use_ssd: bool = True,
         use_mbd: bool = True,
+        recipe: str = "stable",
+        mbd_form: str | None = None,
+        rsd_teacher_scale: str | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.iota, self.kappa, self.lam = iota, kappa, lam
+        settings = resolve_recipe(recipe, iota=iota, mbd_form=mbd_form, rsd_teacher_scale=rsd_teacher_scale)
+        if settings["mbd_form"] not in ("divergence", "paper"):
+            raise ValueError(f"mbd_form must be 'divergence' or 'paper', got {settings['mbd_form']!r}")
+        if settings["rsd_teacher_scale"] not in _RSD_TEACHER_SCALES:
+            raise ValueError(f"rsd_teacher_scale must be 'match' or 'none', got {settings['rsd_teacher_scale']!r}")
+        self.recipe = recipe
+        self.mbd_form, self.rsd_teacher_scale = settings["mbd_form"], settings["rsd_teacher_scale"]
+        self.iota, self.kappa, self.lam = settings["iota"], kappa, lam
         self.temperature, self.omega, self.gamma_pos, self.gamma_neg = temperature, omega, gamma_pos, gamma_neg
         self.layers, self.delta = layers, delta
         self.use_lsd, self.use_rsd, self.use_ssd, self.use_mbd = use_lsd, use_rsd, use_ssd, use_mbd
@@ -97,7 +138,7 @@ class MSKDLoss(nn.Module):
         if self.use_mbd:
             return ops.mbd_loss(
                 student, teacher, targets, temperature=self.temperature, omega=self.omega,
-                gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, backend=self.backend,
+                gamma_pos=self.gamma_pos, gamma_neg=self.gamma_neg, form=self.mbd_form, backend=self.backend,
             )
         return ops.kd_loss(student, teacher, temperature=self.temperature)
 
@@ -119,6 +160,8 @@ class MSKDLoss(nn.Module):
             total = total + self.iota * lsd
         if self.use_rsd:
             z = ops.reconstruct_logits(o, q.detach(), targets, layers=self.layers, backend=self.backend)
+            if self.rsd_teacher_scale == "match":
+                z = ops.match_logit_scale(z, q.detach())
             rsd = self.distill(q, z, targets)
             total = total + self.kappa * rsd
         if self.use_ssd and q_prev is not None:
@@ -126,3 +169,9 @@ class MSKDLoss(nn.Module):
             total = total + self.lam * ssd
         terms = {name: t.detach().float() for name, t in (("bce", bce), ("lsd", lsd), ("rsd", rsd), ("ssd", ssd))}
         return total, terms
+
+    def extra_repr(self) -> str:
+        return (
+            f"recipe={self.recipe!r}, mbd_form={self.mbd_form!r}, rsd_teacher_scale={self.rsd_teacher_scale!r}, "
+            f"iota={self.iota}, kappa={self.kappa}, lam={self.lam}, temperature={self.temperature}"
+        )

@@ -26,6 +26,7 @@ __all__ = [
     "pseudo_labels",
     "propagate",
     "reconstruct_logits",
+    "match_logit_scale",
     "crop_resize",
     "roi_pool",
     "boxes_to_rois",
@@ -34,6 +35,8 @@ __all__ = [
 _WEIGHT_EPS = 1e-12  # |a|**g := (a*a + eps)**(g/2) when weights are differentiated (SPEC 2)
 _DIST_EPS = 1e-12  # sqrt(. + eps) in the relation distances (SPEC 3)
 _NORM_EPS = 1e-12  # clamp of the relation normalisers (SPEC 3)
+_STD_EPS = 1e-6  # floor of the teacher's row std in match_logit_scale (SPEC 4 step 5)
+MBD_FORMS = ("divergence", "paper")
 
 
 def _masked_logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -119,24 +122,32 @@ def mbd_loss(
     gamma_neg: float = 1.0,
     weight_grad: bool = False,
     reduction: str = "mean",
+    form: str = "divergence",
 ) -> torch.Tensor:
     """Multi-label balanced distillation loss (SPEC 2, paper eqs. 14-16).
 
     Args:
         student, teacher: ``(B, C)`` logits; the teacher never receives a gradient.
         targets: ``(B, C)`` multi-hot labels in {0, 1}.
+        form: ``"divergence"`` (default): per element ``w (P (log P - log Q) - P + Q)``, the
+            weighted generalized KL (>= 0, zero gradient at ``student == teacher``);
+            ``"paper"``: ``w P (log P - log Q)`` (eq. 14 as written; may be negative).
 
     Returns:
-        ``T**2 * reduce_i sum_j w_ij P_ij (log P_ij - log Q_ij)`` with ``P = RS(teacher/T)``,
-        ``Q = RS(student/T)``; a scalar for ``mean``/``sum``, ``(B,)`` for ``none``. The value
-        may be negative (the weights make it no divergence).
+        ``T**2 * reduce_i sum_j (per-element term)`` with ``P = RS(teacher/T)``,
+        ``Q = RS(student/T)``; a scalar for ``mean``/``sum``, ``(B,)`` for ``none``.
     """
+    if form not in MBD_FORMS:
+        raise ValueError(f"form must be 'divergence' or 'paper', got {form!r}")
     pos = targets > 0.5
     log_p = log_reformulated_softmax(teacher.detach() / temperature, targets)
     log_q = log_reformulated_softmax(student / temperature, targets)
     p, q = log_p.exp(), log_q.exp()
     w = _mbd_weights(p, q, pos, omega, gamma_pos, gamma_neg, weight_grad)
-    per_row = (w * p * (log_p - log_q)).sum(dim=-1)
+    bracket = p * (log_p - log_q)
+    if form == "divergence":
+        bracket = bracket - p + q
+    per_row = (w * bracket).sum(dim=-1)
     return temperature**2 * _reduce(per_row, reduction)
 
 
@@ -265,6 +276,21 @@ def reconstruct_logits(
     u = pseudo_labels(o, logits, k)
     weights = torch.softmax(propagate(o, u, layers), dim=1)
     return (weights * o).sum(dim=1)
+
+
+def match_logit_scale(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Give each teacher row the student row's spread (SPEC 4 step 5), without gradient.
+
+    ``z (B, C)`` teacher logits, ``q (B, C)`` student logits (detached). Returns
+    ``mean_c(z) + (z - mean_c(z)) * std_c(q) / max(std_c(z), 1e-6)`` per row, population std over
+    the ``C`` classes, in ``teacher.dtype``. ``C = 1`` rows (std 0) come back unchanged.
+    """
+    z = z.detach()
+    q = q.detach().to(z.dtype)
+    mean_z = z.mean(dim=-1, keepdim=True)
+    std_z = z.std(dim=-1, correction=0, keepdim=True)
+    std_q = q.std(dim=-1, correction=0, keepdim=True)
+    return mean_z + (z - mean_z) * (std_q / std_z.clamp(min=_STD_EPS))
 
 
 def boxes_to_rois(boxes: torch.Tensor) -> torch.Tensor:

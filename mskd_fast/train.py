@@ -174,6 +174,7 @@ class Trainer:
         loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
                            omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
                            layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
+                           recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
                            backend=args.loss_backend, **use)
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
@@ -573,7 +574,8 @@ class Trainer:
             f"channels_last {a.channels_last}",
         ]
         if a.method == "mskd":
-            lines.append(f"  MSKD S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
+            lines.append(f"  MSKD recipe {a.recipe}: MBD form {a.mbd_form}, R-SD teacher scale {a.rsd_teacher_scale} | "
+                         f"S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
                          f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
                          f"kappa={a.kappa} lambda={a.lam} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                          f"S-SD {not a.no_ssd} MBD {not a.no_mbd}")
@@ -620,6 +622,8 @@ def _merge_resume_args(args: argparse.Namespace, explicit: set[str], blob: dict)
                          + "; ".join(conflicts) + " (only " + ", ".join(sorted(RESUME_OVERRIDABLE))
                          + " may change)")
     merged = argparse.Namespace(**saved)
+    if "recipe" not in saved:  # written before the recipes existed: those runs used the paper's equations
+        merged.recipe, merged.mbd_form, merged.rsd_teacher_scale = "paper", "paper", "none"
     for key in RESUME_OVERRIDABLE:
         if key in explicit or key == "resume":
             setattr(merged, key, getattr(args, key))

@@ -22,6 +22,7 @@ import math
 import os
 
 from mskd_fast.data import add_data_args
+from mskd_fast.losses import RECIPES, resolve_recipe
 
 __all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
 
@@ -145,6 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = p.add_argument_group("MSKD (SPEC defaults)")
     k.add_argument("--method", choices=("mskd", "vanilla"), default="mskd",
                    help="MSKD or plain BCE training (same code path, for fair comparisons)")
+    k.add_argument("--recipe", choices=tuple(RECIPES), default="stable",
+                   help="stable: MBD as a true divergence, R-SD teacher scale-matched, iota=0.15 (use this; "
+                        "it does not collapse from scratch). paper: the paper's equations as written "
+                        "(MBD form paper, no scale matching, iota=1.5); use it to compare with the paper, "
+                        "with --pretrained backbones. --mbd-form, --rsd-teacher-scale and --iota override "
+                        "single settings")
+    k.add_argument("--mbd-form", choices=("divergence", "paper"), default=None,
+                   help="MBD per-term form (SPEC 2): weighted generalized KL or eq. 14 as written "
+                        "(default: from --recipe)")
+    k.add_argument("--rsd-teacher-scale", choices=("match", "none"), default=None,
+                   help="R-SD teacher logits re-scaled to the student's row spread (match) or not (none) "
+                        "(SPEC 4; default: from --recipe)")
     k.add_argument("--crops", type=int, default=4, help="S: crops per image")
     k.add_argument("--crop-mode", choices=("random", "corners"), default="random",
                    help="random-resized-crop boxes (area 20-30%%, aspect 2/5-5/3) or the 4 quarter corners")
@@ -154,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--gamma-neg", type=float, default=1.0, help="gamma- of the MBD weights (negatives)")
     k.add_argument("--gp-layers", type=int, default=2, help="graph propagation layers of R-SD")
     k.add_argument("--delta", type=float, default=1.0, help="Huber delta of L-SD")
-    k.add_argument("--iota", type=float, default=1.5, help="weight of L-SD (relation)")
+    k.add_argument("--iota", type=float, default=None,
+                   help="weight of L-SD (relation) (default: from --recipe: stable 0.15, paper 1.5)")
     k.add_argument("--kappa", type=float, default=2.0, help="weight of R-SD (reconstruction)")
     k.add_argument("--lambda", dest="lam", type=float, default=2.0, help="weight of S-SD (step)")
     k.add_argument("--no-lsd", action="store_true", help="ablation: drop L-SD")
@@ -236,6 +250,12 @@ def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool
     if args.amp and args.amp_dtype == "bfloat16" and not on_cuda and not cpu_has_native_bf16():
         notes.append("this CPU has no native bfloat16 (AVX512-BF16/AMX): --amp bf16 is emulated and may be "
                      "slower than fp32 here")
+    recipe = resolve_recipe(args.recipe, iota=args.iota, mbd_form=args.mbd_form,
+                            rsd_teacher_scale=args.rsd_teacher_scale)
+    overridden = [k for k in ("iota", "mbd_form", "rsd_teacher_scale") if getattr(args, k) is not None]
+    args.iota, args.mbd_form, args.rsd_teacher_scale = recipe["iota"], recipe["mbd_form"], recipe["rsd_teacher_scale"]
+    notes.append(f"recipe {args.recipe}: mbd_form={args.mbd_form}, rsd_teacher_scale={args.rsd_teacher_scale}, "
+                 f"iota={args.iota}" + (f" (set by flag: {', '.join(overridden)})" if overridden else ""))
     if args.compile is None:
         args.compile = on_cuda
         notes.append(f"compile={args.compile} ({'CUDA' if on_cuda else 'CPU'} device)")

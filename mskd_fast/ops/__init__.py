@@ -6,7 +6,7 @@ fused Triton kernels for CUDA tensors and the PyTorch reference otherwise. ``cro
 """
 
 from .crops import crop_resize, roi_pool
-from .graph import pseudo_labels, reconstruct_logits
+from .graph import match_logit_scale, pseudo_labels, reconstruct_logits
 from .mbd import kd_loss, mbd_loss, reformulated_softmax
 from .relation import relation_loss
 
@@ -17,6 +17,7 @@ __all__ = [
     "relation_loss",
     "pseudo_labels",
     "reconstruct_logits",
+    "match_logit_scale",
     "crop_resize",
     "roi_pool",
 ]

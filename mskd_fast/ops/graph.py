@@ -9,7 +9,7 @@ from .._validation import check_float, check_rank, check_same_device, check_targ
 from ._backend import use_triton
 from .relation import check_crop_logits
 
-__all__ = ["pseudo_labels", "reconstruct_logits"]
+__all__ = ["pseudo_labels", "reconstruct_logits", "match_logit_scale"]
 
 
 def _check_graph_inputs(patch_logits: torch.Tensor, logits: torch.Tensor) -> None:
@@ -80,3 +80,24 @@ def reconstruct_logits(
 
         return kernels.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k)
     return reference.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k)
+
+
+def match_logit_scale(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """R-SD teacher scale matching (SPEC 4 step 5): ``z`` re-scaled to the spread of ``q``, no gradient.
+
+    Args:
+        z: ``(B, C)`` reconstructed teacher logits.
+        q: ``(B, C)`` student logits (detached).
+
+    Returns:
+        ``(B, C)`` in ``z.dtype``: per row ``mean_c(z) + (z - mean_c(z)) * std_c(q) / max(std_c(z), 1e-6)``
+        (population std over the ``C`` classes). A few elementwise and row-reduction ops, no host sync.
+    """
+    check_float("z", z)
+    check_rank("z", z, 2, "(B, C)")
+    check_float("q", q)
+    if q.shape != z.shape:
+        raise ValueError(f"q must have the same shape as z {tuple(z.shape)}, got {tuple(q.shape)}")
+    check_same_device(z=z, q=q)
+    with torch.no_grad():
+        return reference.match_logit_scale(z, q)

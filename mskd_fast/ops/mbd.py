@@ -42,13 +42,14 @@ def reformulated_softmax(
     return reference.reformulated_softmax(logits, targets, temperature=temperature, log=log)
 
 
-def _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction) -> None:
+def _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction, form="divergence") -> None:
     check_positive("temperature", temperature)
     if not (0.0 <= omega <= 1.0):
         raise ValueError(f"omega must be in [0, 1], got {omega!r}")
     check_nonnegative("gamma_pos", gamma_pos)
     check_nonnegative("gamma_neg", gamma_neg)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
+    check_choice("form", form, reference.MBD_FORMS)
 
 
 def mbd_loss(
@@ -62,6 +63,7 @@ def mbd_loss(
     gamma_neg: float = 1.0,
     weight_grad: bool = False,
     reduction: str = "mean",
+    form: str = "divergence",
     backend: str = "auto",
 ) -> torch.Tensor:
     """Multi-label balanced distillation (MBD) loss, SPEC 2.
@@ -73,16 +75,20 @@ def mbd_loss(
         temperature, omega, gamma_pos, gamma_neg: SPEC 2 hyper-parameters.
         weight_grad: differentiate the modulating weights too (default: treat them as constants).
         reduction: ``"mean"`` (over rows), ``"sum"`` or ``"none"`` (``(B,)``).
+        form: ``"divergence"`` (default): the weighted generalized KL
+            ``sum_j w_j (P_j log(P_j/Q_j) - P_j + Q_j)``, >= 0 with zero gradient at
+            ``student == teacher``; ``"paper"``: eq. 14 as written, ``sum_j w_j P_j log(P_j/Q_j)``
+            (not a divergence: it can be negative and self-distillation with it sharpens without bound).
         backend: ``"auto"`` (fused Triton kernel for CUDA tensors), ``"reference"`` or ``"triton"``.
 
     Returns:
-        The loss, ``T**2`` times the reduced per-row weighted KL; it can be negative.
+        The loss, ``T**2`` times the reduced per-row sum of the form's weighted terms.
     """
     check_logits_pair(student, teacher, targets)
-    _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction)
+    _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction, form)
     kwargs = dict(
         temperature=temperature, omega=omega, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-        weight_grad=weight_grad, reduction=reduction,
+        weight_grad=weight_grad, reduction=reduction, form=form,
     )
     if use_triton(backend, student, teacher, targets):
         from mskd_fast import kernels
