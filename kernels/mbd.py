@@ -1,6 +1,6 @@
 """Fused MBD loss (SPEC 1-2): reformulated softmax of teacher and student, weighted KL, student gradient.
 
-One program handles ``ROWS`` rows of ``C`` classes. Rows up to ``C = 8192`` live in registers
+One program handles ``ROWS`` rows of ``C`` classes. Rows up to ``C = 4096`` live in registers
 (one load of each input); wider rows are processed in column blocks over four passes (online
 logsumexp). All math is float32 whatever the input dtype. The forward writes the loss *and*
 the gradient with respect to the student (already scaled by ``T`` and ``1/B`` for ``mean``), so
@@ -13,6 +13,11 @@ Per row, with ``x = student / T``, ``M`` the positives, ``lam = logsumexp_{k not
 give ``log Q = -log C`` exactly, hence zero loss and zero gradient. The gradient follows the
 SPEC 2 formulas with ``g = dl/dlog Q``; ``weight_grad=True`` only adds the derivative of the
 weights ``(a*a + 1e-12)**(gamma/2)`` to ``g``.
+
+``form`` (a compile-time flag ``DIVERGENCE``) picks the per-element term: ``"paper"`` (eq. 14)
+``w P (log P - log Q)`` with ``g = -w P``; ``"divergence"`` (the weighted generalized KL, default)
+``w (P (log P - log Q) - P + Q)`` with ``g = w (Q - P)``. With ``weight_grad`` the weight derivative
+multiplies the form's bracket.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ from . import _utils
 
 __all__ = ["mbd_loss"]
 
-_MAX_SINGLE_BLOCK = 8192  # widest row kept entirely in registers
+# Widest row kept entirely in registers: ptxas -v (sm_90) reports spills for 4096 < C <= 8192
+# (56 B, 140 B with weight_grad), none at 4096 with 16 warps; tests/test_kernel_codegen.py checks.
+_MAX_SINGLE_BLOCK = 4096
 _MULTI_BLOCK = 4096  # column block of the looping path
 _TILE = 2048  # target elements per program in the single-block path
 _ONE_PROGRAM_TILE = 4096  # a batch this small is reduced inside a single program
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+FORMS = ("divergence", "paper")
 _WEIGHT_EPS = 1e-12
 
 
@@ -94,7 +102,7 @@ def _log_rs(v, pos, lam, neg_offset, log_m):
 
 @triton.jit
 def _loss_and_g(x, t, pos, valid, lam_x, lam_t, off_x, off_t, log_m, omega, gamma_pos, gamma_neg,
-                WEIGHT_GRAD: tl.constexpr):
+                WEIGHT_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr):
     """Per-element loss contribution and ``g = d loss / d log Q`` (before the softmax Jacobian)."""
     lq, spx = _log_rs(x, pos, lam_x, off_x, log_m)
     lp, _ = _log_rs(t, pos, lam_t, off_t, log_m)
@@ -102,15 +110,21 @@ def _loss_and_g(x, t, pos, valid, lam_x, lam_t, off_x, off_t, log_m, omega, gamm
     q = tl.exp(lq)
     gap = tl.where(pos, (1.0 - omega) + omega * p - q, omega * p - q)
     gam = tl.where(pos, gamma_pos, gamma_neg)
-    diff = lp - lq
+    if DIVERGENCE:
+        bracket = p * (lp - lq) - p + q
+        g_const = q - p  # d bracket / d log Q
+    else:
+        bracket = p * (lp - lq)
+        g_const = -p
     if WEIGHT_GRAD:
+        # d w / d log Q = -q * gam * gap * w / sq (gap falls by q), times the form's bracket.
         sq = gap * gap + 1e-12
         w = tl.exp(0.5 * gam * tl.log(sq))
-        g = -w * p - p * diff * q * gam * gap * w / sq
+        g = w * g_const - bracket * q * gam * gap * w / sq
     else:
         w = tl.where(gam == 0.0, 1.0, tl.exp(gam * tl.log(tl.abs(gap))))
-        g = -w * p
-    contrib = tl.where(valid, w * p * diff, 0.0)
+        g = w * g_const
+    contrib = tl.where(valid, w * bracket, 0.0)
     g = tl.where(valid, g, 0.0)
     return contrib, g, spx
 
@@ -129,7 +143,7 @@ def _mbd_fwd_kernel(
     s_ptr, t_ptr, y_ptr, g_ptr, out_ptr,
     B, C, stride_s, stride_t, stride_y, stride_g,
     temperature, out_scale, grad_scale, omega, gamma_pos, gamma_neg,
-    WEIGHT_GRAD: tl.constexpr, PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, PER_ROW: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_C: tl.constexpr, SINGLE: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -180,7 +194,7 @@ def _mbd_fwd_kernel(
     a2 = tl.zeros([ROWS], tl.float32)
     if SINGLE:
         contrib, g, spx = _loss_and_g(x, t, pos, valid, lam_x, lam_t, off_x, off_t, log_m, omega, gamma_pos,
-                                      gamma_neg, WEIGHT_GRAD)
+                                      gamma_neg, WEIGHT_GRAD, DIVERGENCE)
         row_loss += tl.sum(contrib, axis=1)
         if COMPUTE_GRAD:
             neg = valid & (pos == 0)
@@ -193,7 +207,7 @@ def _mbd_fwd_kernel(
             x, t, pos, valid = _load_tile(s_ptr, t_ptr, y_ptr, rows, c0 + cols0, B, C, stride_s, stride_t,
                                           stride_y, temperature)
             contrib, g, spx = _loss_and_g(x, t, pos, valid, lam_x, lam_t, off_x, off_t, log_m, omega,
-                                          gamma_pos, gamma_neg, WEIGHT_GRAD)
+                                          gamma_pos, gamma_neg, WEIGHT_GRAD, DIVERGENCE)
             row_loss += tl.sum(contrib, axis=1)
             if COMPUTE_GRAD:
                 neg = valid & (pos == 0)
@@ -223,7 +237,7 @@ def _mbd_fwd_kernel(
                 x, t, pos, valid = _load_tile(s_ptr, t_ptr, y_ptr, rows, cols, B, C, stride_s, stride_t,
                                               stride_y, temperature)
                 contrib, g, spx = _loss_and_g(x, t, pos, valid, lam_x, lam_t, off_x, off_t, log_m, omega,
-                                              gamma_pos, gamma_neg, WEIGHT_GRAD)
+                                              gamma_pos, gamma_neg, WEIGHT_GRAD, DIVERGENCE)
                 sig, one_m_sig, rho = _jacobian_terms(x, pos, lam_x, big_lam_x, spx)
                 pi = tl.exp(x - lam_x[:, None])
                 dx = tl.where(pos, g * one_m_sig - g_neg[:, None] * rho * sig, g + dlam[:, None] * pi)
@@ -255,6 +269,7 @@ def _mbd_loss_fwd(
     gamma_pos: float,
     gamma_neg: float,
     weight_grad: bool,
+    form: str,
     reduction: str,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +297,8 @@ def _mbd_loss_fwd(
         b, c, student.stride(0), teacher.stride(0), targets.stride(0), grad.stride(0) if compute_grad else c,
         float(temperature), float(scale), float(scale / temperature), float(omega), float(gamma_pos),
         float(gamma_neg),
-        WEIGHT_GRAD=bool(weight_grad), PER_ROW=per_row, COMPUTE_GRAD=bool(compute_grad),
+        WEIGHT_GRAD=bool(weight_grad), DIVERGENCE=form == "divergence", PER_ROW=per_row,
+        COMPUTE_GRAD=bool(compute_grad),
         ROWS=rows, BLOCK_C=block_c, SINGLE=single, num_warps=num_warps,
     )
     if per_row:
@@ -294,10 +310,13 @@ def _mbd_loss_fwd(
     return loss, grad
 
 
+_REDUCTION_ARG, _COMPUTE_GRAD_ARG = 9, 10  # positions in the op's schema
+
+
 def _setup_context(ctx, inputs, output):
     _, grad = output
-    ctx.per_row = inputs[8] == "none"
-    ctx.compute_grad = inputs[9]
+    ctx.per_row = inputs[_REDUCTION_ARG] == "none"
+    ctx.compute_grad = inputs[_COMPUTE_GRAD_ARG]
     ctx.save_for_backward(grad)
     ctx.mark_non_differentiable(grad)
 
@@ -307,7 +326,7 @@ def _backward(ctx, grad_loss, _unused):
     if not ctx.compute_grad:
         raise RuntimeError("mskd::mbd_loss_fwd was run without its gradient (compute_grad=False)")
     scale = grad_loss[:, None] if ctx.per_row else grad_loss
-    return (scale * grad).to(grad.dtype), None, None, None, None, None, None, None, None, None
+    return ((scale * grad).to(grad.dtype),) + (None,) * _COMPUTE_GRAD_ARG
 
 
 torch.library.register_autograd("mskd::mbd_loss_fwd", _backward, setup_context=_setup_context)
@@ -324,6 +343,7 @@ def mbd_loss(
     gamma_neg: float = 1.0,
     weight_grad: bool = False,
     reduction: str = "mean",
+    form: str = "divergence",
 ) -> torch.Tensor:
     """Fused MBD loss of SPEC 2 (see :func:`mskd_fast.reference.mbd_loss` for the definition).
 
@@ -333,6 +353,8 @@ def mbd_loss(
         targets: ``(B, C)`` 0/1 labels (float, integer or bool); positive means ``> 0.5``.
         temperature, omega, gamma_pos, gamma_neg, weight_grad: SPEC 2 hyper-parameters.
         reduction: ``"mean"``, ``"sum"`` (scalar) or ``"none"`` (``(B,)``).
+        form: ``"divergence"`` (default, ``w (P log(P/Q) - P + Q)`` per element: >= 0, zero
+            gradient at ``student == teacher``) or ``"paper"`` (``w P log(P/Q)``, eq. 14).
 
     Returns:
         The loss in the promoted dtype of ``student`` and ``teacher`` (as the reference), computed
@@ -349,11 +371,13 @@ def mbd_loss(
     _utils.check_same_device(student=student, teacher=teacher, targets=targets)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if form not in FORMS:
+        raise ValueError(f"form must be 'divergence' or 'paper', got {form!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     loss, _ = torch.ops.mskd.mbd_loss_fwd(
         student, teacher.detach(), targets.detach(), float(temperature), float(omega), float(gamma_pos),
-        float(gamma_neg), bool(weight_grad), reduction, compute_grad,
+        float(gamma_neg), bool(weight_grad), form, reduction, compute_grad,
     )
     return loss

@@ -40,10 +40,10 @@ _SCRIPT = textwrap.dedent(
                    gamma_neg="fp32")
     for b, c in [(128, 80), (2, 20000)]:
         rows, block_c, single, warps = mbd._launch_config(b, c)
-        build(mbd._mbd_fwd_kernel, mbd_sig, dict(WEIGHT_GRAD=True, PER_ROW=False, COMPUTE_GRAD=True, ROWS=rows,
-                                                 BLOCK_C=block_c, SINGLE=single), warps)
-    build(mbd._mbd_fwd_kernel, mbd_sig, dict(WEIGHT_GRAD=False, PER_ROW=True, COMPUTE_GRAD=False, ROWS=2,
-                                             BLOCK_C=1024, SINGLE=True), 8)
+        build(mbd._mbd_fwd_kernel, mbd_sig, dict(WEIGHT_GRAD=True, DIVERGENCE=True, PER_ROW=False, COMPUTE_GRAD=True,
+                                                 ROWS=rows, BLOCK_C=block_c, SINGLE=single), warps)
+    build(mbd._mbd_fwd_kernel, mbd_sig, dict(WEIGHT_GRAD=False, DIVERGENCE=False, PER_ROW=True, COMPUTE_GRAD=False,
+                                             ROWS=2, BLOCK_C=1024, SINGLE=True), 8)
 
     b, s, c = 128, 4, 80
     sp, block_c = relation._image_blocks(s, c)

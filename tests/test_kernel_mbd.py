@@ -37,11 +37,12 @@ def _run(fn, student, teacher, targets, grad_out=None, **kwargs):
 
 
 def _loss_mass(student, teacher, targets, temperature=4.0, omega=0.5, gamma_pos=0.25, gamma_neg=1.0,
-               weight_grad=False, reduction="mean"):
-    """``T**2 * reduce_i sum_j w P (|log P| + |log Q|)``: the size of the terms the loss sums.
+               weight_grad=False, reduction="mean", form="divergence"):
+    """``T**2 * reduce_i sum_j w P (|log P| + |log Q|)`` (``+ w (P + Q)`` for the divergence form).
 
-    ``log P - log Q`` is a difference of float32 log-probabilities, so the loss (which can cancel to
-    nearly 0) carries an absolute rounding error proportional to this mass, not to its own value.
+    The size of the terms the loss sums: ``log P - log Q`` is a difference of float32
+    log-probabilities (and the divergence adds ``-P + Q``), so the loss, which can cancel to nearly
+    0, carries an absolute rounding error proportional to this mass, not to its own value.
     """
     pos = targets > 0.5
     log_p = ref.log_reformulated_softmax(teacher.double() / temperature, targets)
@@ -49,7 +50,10 @@ def _loss_mass(student, teacher, targets, temperature=4.0, omega=0.5, gamma_pos=
     p, q = log_p.exp(), log_q.exp()
     gap = torch.where(pos, (1 - omega) + omega * p - q, omega * p - q).abs()
     w = gap ** torch.where(pos, torch.full_like(p, gamma_pos), torch.full_like(p, gamma_neg))
-    per_row = (w * p * (log_p.abs() + log_q.abs())).sum(-1) * temperature**2
+    terms = p * (log_p.abs() + log_q.abs())
+    if form == "divergence":
+        terms = terms + p + q
+    per_row = (w * terms).sum(-1) * temperature**2
     return {"mean": per_row.mean(), "sum": per_row.sum(), "none": per_row}[reduction]
 
 
@@ -63,17 +67,34 @@ def _compare(student, teacher, targets, rtol, **kwargs):
     assert_close_scaled(grad, ref_grad, rtol, "grad")
 
 
+# (form, weight_grad) -> (loss key, gradient key) in the spec vectors; keys naming no form are "paper".
+_SPEC_KEYS = {
+    ("paper", False): ("mbd_loss(student, teacher, targets)", "d_student"),
+    ("paper", True): ("mbd_loss(..., weight_grad=True)", "d_student_weight_grad"),
+    ("divergence", False): ("mbd_loss(..., form='divergence')", "d_student_divergence"),
+    ("divergence", True): ("mbd_loss(..., form='divergence', weight_grad=True)", "d_student_divergence_weight_grad"),
+}
+
+
 @pytest.mark.parametrize("case_index", [0, 1])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_spec_vectors(case_index, weight_grad):
+@pytest.mark.parametrize("form", ["paper", "divergence"])
+def test_spec_vectors(case_index, weight_grad, form):
     case = spec_cases()[case_index]
     student = as_tensor(case, "student").requires_grad_()
-    loss = kernels.mbd_loss(student, as_tensor(case, "teacher"), as_tensor(case, "targets"), weight_grad=weight_grad)
+    loss = kernels.mbd_loss(student, as_tensor(case, "teacher"), as_tensor(case, "targets"), weight_grad=weight_grad,
+                            form=form)
     (grad,) = torch.autograd.grad(loss, student)
-    key = "mbd_loss(..., weight_grad=True)" if weight_grad else "mbd_loss(student, teacher, targets)"
-    assert loss.item() == pytest.approx(case[key], rel=FP32_RTOL)
-    expected = torch.tensor(case["d_student_weight_grad" if weight_grad else "d_student"], dtype=torch.float64)
+    loss_key, grad_key = _SPEC_KEYS[form, weight_grad]
+    assert loss.item() == pytest.approx(case[loss_key], rel=FP32_RTOL)
+    expected = torch.tensor(case[grad_key], dtype=torch.float64)
     assert_close_scaled(grad, expected, FP32_RTOL, "grad")
+
+
+def test_default_form_is_divergence():
+    case = spec_cases()[0]
+    args = (as_tensor(case, "student"), as_tensor(case, "teacher"), as_tensor(case, "targets"))
+    assert kernels.mbd_loss(*args).item() == kernels.mbd_loss(*args, form="divergence").item()
 
 
 _SMALL_SHAPES = [(1, 1), (3, 1), (1, 20), (3, 20), (64, 81), (3, 1000)]
@@ -81,11 +102,16 @@ _CASES = [(b, c, red, wg) for b, c in _SMALL_SHAPES for red in ("mean", "sum", "
 _CASES += [(64, 1000, "mean", False), (64, 1000, "none", True)]  # the widest rows: not the full cross product
 
 
+FORMS = pytest.mark.parametrize("form", ["divergence", "paper"])
+
+
+@FORMS
 @pytest.mark.parametrize("b,c,reduction,weight_grad", _CASES)
-def test_matches_reference_fp32(b, c, reduction, weight_grad):
+def test_matches_reference_fp32(b, c, reduction, weight_grad, form):
     student = torch.randn(b, c, device=DEVICE) * 3
     teacher = torch.randn(b, c, device=DEVICE) * 3
-    _compare(student, teacher, targets_with_edge_rows(b, c), FP32_RTOL, reduction=reduction, weight_grad=weight_grad)
+    _compare(student, teacher, targets_with_edge_rows(b, c), FP32_RTOL, reduction=reduction, weight_grad=weight_grad,
+             form=form)
 
 
 @pytest.mark.parametrize("hyper", [
@@ -93,27 +119,34 @@ def test_matches_reference_fp32(b, c, reduction, weight_grad):
     dict(temperature=2.5, omega=1.0, gamma_pos=2.0, gamma_neg=0.5),
     dict(temperature=7.0, omega=0.3, gamma_pos=1.0, gamma_neg=3.0, weight_grad=True),
 ])
-def test_hyperparameters(hyper):
+@FORMS
+def test_hyperparameters(hyper, form):
     b, c = 5, 33
     student, teacher = torch.randn(b, c, device=DEVICE), torch.randn(b, c, device=DEVICE)
-    _compare(student, teacher, targets_with_edge_rows(b, c), FP32_RTOL, **hyper)
+    _compare(student, teacher, targets_with_edge_rows(b, c), FP32_RTOL, form=form, **hyper)
 
 
-def test_wide_rows_loop_over_column_blocks():
-    """C > 8192 takes the multi-pass path (online logsumexp over column blocks)."""
-    b, c = 3, 9000
+@FORMS
+@pytest.mark.parametrize("c", [4096, 4097, 9000])
+def test_wide_rows_loop_over_column_blocks(c, form):
+    """C > 4096 takes the multi-pass path (online logsumexp over column blocks); 4096 is the widest register row."""
+    from mskd_fast.kernels import mbd
+
+    b = 3
+    assert mbd._launch_config(b, c)[2] == (c <= 4096)
     student, teacher = torch.randn(b, c, device=DEVICE) * 4, torch.randn(b, c, device=DEVICE) * 4
     for weight_grad in (False, True):
         _compare(student, teacher, targets_with_edge_rows(b, c, p=0.01), FP32_RTOL, weight_grad=weight_grad,
-                 reduction="none")
+                 reduction="none", form=form)
 
 
+@FORMS
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,c", [(3, 20), (64, 81), (4, 1000)])
-def test_half_precision_inputs(dtype, b, c):
+def test_half_precision_inputs(dtype, b, c, form):
     student = (torch.randn(b, c, device=DEVICE) * 3).to(dtype)
     teacher = (torch.randn(b, c, device=DEVICE) * 3).to(dtype)
-    _compare(student, teacher, targets_with_edge_rows(b, c), LOW_RTOL, reduction="sum")
+    _compare(student, teacher, targets_with_edge_rows(b, c), LOW_RTOL, reduction="sum", form=form)
 
 
 def test_mixed_dtypes_promote_like_the_reference():
@@ -131,36 +164,74 @@ def test_mixed_dtypes_promote_like_the_reference():
     assert_close_scaled(grad, ref_grad, LOW_RTOL, "grad")
 
 
+@FORMS
 @pytest.mark.parametrize("magnitude", [1e3, 1e4])
 @pytest.mark.parametrize("weight_grad", [False, True])
-def test_extreme_logits_stay_finite(magnitude, weight_grad):
+def test_extreme_logits_stay_finite(magnitude, weight_grad, form):
     b, c = 6, 20
     student = torch.randn(b, c, device=DEVICE).sign() * magnitude
     teacher = torch.randn(b, c, device=DEVICE) * magnitude
     student[2, :3] = -magnitude  # positives far below the negatives and the reverse
     student[3] = magnitude
     y = targets_with_edge_rows(b, c)
-    loss, grad, grad_out = _run(kernels.mbd_loss, student, teacher, y, weight_grad=weight_grad, reduction="none")
+    loss, grad, grad_out = _run(kernels.mbd_loss, student, teacher, y, weight_grad=weight_grad, reduction="none",
+                                form=form)
     ref_loss, ref_grad, _ = _run(ref.mbd_loss, student.double(), teacher.double(), y, grad_out,
-                                 weight_grad=weight_grad, reduction="none")
+                                 weight_grad=weight_grad, reduction="none", form=form)
     # Log-probabilities reach -1e4/T * 2 here; float32 (and the float32 reference) resolve them to ~5e-4.
     assert_close_scaled(loss, ref_loss, 2e-3, "loss")
     assert_close_scaled(grad, ref_grad, 2e-3, "grad")
 
 
-def test_edge_rows_exact():
-    """No positive: plain softmax KD; all positive: RS = 1/C, zero loss and zero gradient."""
+@FORMS
+def test_edge_rows_exact(form):
+    """No positive: plain softmax KD; all positive: RS = 1/C, zero loss and zero gradient.
+
+    Without weights the divergence form equals the paper form (``sum_j (Q_j - P_j) = 0``), so both are KD.
+    """
     b, c = 3, 7
     student, teacher = torch.randn(b, c, device=DEVICE), torch.randn(b, c, device=DEVICE)
     y = torch.zeros(b, c, device=DEVICE)
     y[1] = 1
     y[2, 3] = 1
     loss, grad, _ = _run(kernels.mbd_loss, student, teacher, y, torch.ones(b, dtype=torch.float64, device=DEVICE),
-                         reduction="none", gamma_pos=0.0, gamma_neg=0.0)
+                         reduction="none", gamma_pos=0.0, gamma_neg=0.0, form=form)
     assert loss[1].item() == 0.0
     assert torch.equal(grad[1], torch.zeros_like(grad[1]))
     kd = ref.kd_loss(student[:1].double(), teacher[:1].double(), reduction="none")
     assert loss[0].item() == pytest.approx(kd.item(), rel=FP32_RTOL)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("b,c", [(6, 20), (3, 4096), (3, 9000)])
+def test_divergence_zero_gradient_at_student_equals_teacher(b, c, weight_grad):
+    """SPEC 2: the divergence form has loss 0 and gradient exactly 0 where ``student == teacher``.
+
+    Random rows plus the edge rows (row 0 no positive, row 1 all positive), both kernel paths.
+    """
+    student = torch.randn(b, c, device=DEVICE) * 3
+    y = targets_with_edge_rows(b, c, p=0.1)
+    loss, grad, _ = _run(kernels.mbd_loss, student, student.clone(), y, weight_grad=weight_grad, reduction="none")
+    assert torch.equal(loss, torch.zeros_like(loss)), loss
+    assert torch.equal(grad, torch.zeros_like(grad)), grad.abs().max()
+    # The paper form is not stationary there (its gradient is -w P through the Jacobian).
+    _, paper_grad, _ = _run(kernels.mbd_loss, student, student.clone(), y, weight_grad=weight_grad,
+                            reduction="none", form="paper")
+    assert paper_grad.abs().max() > 1e-4 / c
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_divergence_is_nonnegative(weight_grad):
+    """Every term ``w (P log(P/Q) - P + Q)`` is >= 0; per row only float32 rounding (<< mass) may go below."""
+    b, c = 64, 81
+    student, teacher = torch.randn(b, c, device=DEVICE) * 3, torch.randn(b, c, device=DEVICE) * 3
+    teacher[2:8] = student[2:8] + 1e-3 * torch.randn(6, c, device=DEVICE)  # rows close to 0
+    y = targets_with_edge_rows(b, c)
+    loss = kernels.mbd_loss(student, teacher, y, weight_grad=weight_grad, reduction="none")
+    mass = _loss_mass(student, teacher, y, weight_grad=weight_grad, reduction="none")
+    assert (loss.double() >= -1e-6 * mass).all(), loss.min()
+    paper = kernels.mbd_loss(student, teacher, y, weight_grad=weight_grad, reduction="none", form="paper")
+    assert (paper < 0).any()  # the paper form is no divergence: the same rows go negative
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float64])
@@ -228,6 +299,8 @@ def test_bad_arguments():
         kernels.mbd_loss(s, s, y, reduction="batchmean")
     with pytest.raises(ValueError, match="temperature"):
         kernels.mbd_loss(s, s, y, temperature=0.0)
+    with pytest.raises(ValueError, match="form"):
+        kernels.mbd_loss(s, s, y, form="kl")
 
 
 def test_poisoned_outputs_are_nan():
@@ -238,13 +311,14 @@ def test_poisoned_outputs_are_nan():
     assert (_utils.new_output((4,), torch.int8, DEVICE) == 127).all()
 
 
+@FORMS
 @pytest.mark.parametrize("b,c", [(64, 20), (128, 80), (4096, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weight_grad", [False, True])
 @cuda_only[0]
 @cuda_only[1]
-def test_training_shapes_cuda(b, c, dtype, weight_grad):
+def test_training_shapes_cuda(b, c, dtype, weight_grad, form):
     student = (torch.randn(b, c, device=DEVICE) * 3).to(dtype)
     teacher = (torch.randn(b, c, device=DEVICE) * 3).to(dtype)
     rtol = FP32_RTOL if dtype == torch.float32 else LOW_RTOL
-    _compare(student, teacher, targets_with_edge_rows(b, c, p=0.05), rtol, weight_grad=weight_grad)
+    _compare(student, teacher, targets_with_edge_rows(b, c, p=0.05), rtol, weight_grad=weight_grad, form=form)
