@@ -463,6 +463,7 @@ class Trainer:
         for key in METRIC_KEYS:
             row[key] = float(result[key]) if result is not None else float("nan")
         row["eval_samples"] = result["num_samples"] if result is not None else 0
+        reasons = self._collapse_signals(row, result)
         self.history.append(row)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
@@ -482,7 +483,21 @@ class Trainer:
                 msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
             if row["nonfinite_skipped"]:
                 msg += f" | {row['nonfinite_skipped']} non-finite steps skipped"
+            if reasons:
+                msg += " | WARNING collapsing: " + "; ".join(reasons)
             self._say(msg)
+
+    def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
+        """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""
+        from mskd_fast.collapse import bce_rise, collapse_reasons
+
+        for key in ("top1_mode_frac", "max_abs_logit", "logit_std"):
+            row[key] = float(result[key]) if result is not None else float("nan")
+        row["top1_classes"] = int(result["top1_classes"]) if result is not None else 0
+        row["bce_rise"] = bce_rise(row["bce"], [r["bce"] for r in self.history])
+        reasons = collapse_reasons(row)
+        row["collapse"] = int(bool(reasons))
+        return reasons
 
     def _sync_buffers(self) -> None:
         """Under DDP each rank updated BN statistics with its own batches: use rank 0's everywhere."""
@@ -501,9 +516,12 @@ class Trainer:
                            threshold=self.args.threshold, distributed=self.ctx.distributed)
         result = None
         if self.ctx.is_main:
+            from mskd_fast.collapse import eval_signals
+
             result, _ = write_eval_reports(metrics, self.eval_index, self.args.img_size, self.out_dir,
                                            label=f"{self.args.method} epoch {epoch + 1}",
                                            threshold=self.args.threshold)
+            result = dict(result, **eval_signals(torch.from_numpy(metrics.rows()["logits"])))
         result = all_gather_objects(self.ctx, result)[0] if self.ctx.distributed else result
         return result, time.time() - t0
 
@@ -603,6 +621,16 @@ class Trainer:
                 if self.best["epoch"] is not None else "no evaluation")
         self._say(f"\n{table}\n\nfinal: {format_metrics(last)}\n{best} | wall time "
                   f"{time.time() - self.t_start:.0f}s | outputs in {self.out_dir}")
+        collapsed = [r["epoch"] for r in self.history if r.get("collapse")]
+        if collapsed:
+            from mskd_fast.collapse import advice, collapse_reasons
+
+            now = collapse_reasons(last)
+            state = ("the final model: " + "; ".join(now)) if now else "the final epoch shows no sign, but check it"
+            self._say(f"WARNING: this run collapsed (signs at epoch{'s' if len(collapsed) > 1 else ''} "
+                      f"{', '.join(map(str, collapsed))}; {state}); its metrics describe a degenerate model. "
+                      f"{advice(self.args)}. See summary.csv (top1_mode_frac, max_abs_logit, bce_rise, collapse) "
+                      "and docs/TRAINING.md.")
 
 
 # ---------------------------------------------------------------------------------------------- entry point
