@@ -7,7 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._validation import check_float, check_rank, check_same_device, check_targets
+from ._validation import (
+    BACKENDS,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_rank,
+    check_same_device,
+    check_targets,
+)
+from .ops.mbd import check_mbd_args
 
 __all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
 
@@ -51,6 +63,8 @@ class MBDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_mbd_args(temperature, omega, gamma_pos, gamma_neg, weight_grad, reduction, form)
+        check_choice("backend", backend, BACKENDS)
         self.temperature, self.omega = temperature, omega
         self.gamma_pos, self.gamma_neg = gamma_pos, gamma_neg
         self.weight_grad, self.reduction, self.form, self.backend = weight_grad, reduction, form, backend
@@ -75,6 +89,8 @@ class RelationLoss(nn.Module):
 
     def __init__(self, delta: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
+        check_positive("delta", delta)
+        check_choice("backend", backend, BACKENDS)
         self.delta, self.backend = delta, backend
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -120,11 +136,18 @@ class MSKDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        check_choice("recipe", recipe, tuple(RECIPES))
         settings = resolve_recipe(recipe, iota=iota, mbd_form=mbd_form, rsd_teacher_scale=rsd_teacher_scale)
-        if settings["mbd_form"] not in ("divergence", "paper"):
-            raise ValueError(f"mbd_form must be 'divergence' or 'paper', got {settings['mbd_form']!r}")
-        if settings["rsd_teacher_scale"] not in _RSD_TEACHER_SCALES:
-            raise ValueError(f"rsd_teacher_scale must be 'match' or 'none', got {settings['rsd_teacher_scale']!r}")
+        check_choice("mbd_form", settings["mbd_form"], ("divergence", "paper"))
+        check_choice("rsd_teacher_scale", settings["rsd_teacher_scale"], _RSD_TEACHER_SCALES)
+        for name, weight in (("iota", settings["iota"]), ("kappa", kappa), ("lam", lam)):
+            check_nonnegative(name, weight)
+        check_mbd_args(temperature, omega, gamma_pos, gamma_neg, False, "mean", settings["mbd_form"])
+        check_int("layers", layers, 0)
+        check_positive("delta", delta)
+        for name, flag in (("use_lsd", use_lsd), ("use_rsd", use_rsd), ("use_ssd", use_ssd), ("use_mbd", use_mbd)):
+            check_bool(name, flag)
+        check_choice("backend", backend, BACKENDS)
         self.recipe = recipe
         self.mbd_form, self.rsd_teacher_scale = settings["mbd_form"], settings["rsd_teacher_scale"]
         self.iota, self.kappa, self.lam = settings["iota"], kappa, lam

@@ -79,18 +79,115 @@ def test_validation_errors(call, exc, pattern):
         call(*_inputs())
 
 
-def test_mskd_loss_is_weighted_sum_of_terms():
+_BOX = torch.tensor([[[0.0, 0.0, 4.0, 4.0]]])
+_IMG = torch.rand(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "call, exc, pattern",
+    [
+        # devices: every tensor argument of every op is checked against the others
+        (lambda q, t, y, r, o: ops.reformulated_softmax(q, y.to("meta")), ValueError,
+         "one device, got logits on cpu, targets on meta"),
+        (lambda q, t, y, r, o: ops.reformulated_softmax(q.to("meta"), y), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.kd_loss(q, t.to("meta")), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.relation_loss(r, o.to("meta")), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.reconstruct_logits(o, q, y.to("meta")), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.pseudo_labels(o, q.to("meta"), 3), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.match_logit_scale(q, t.to("meta")), ValueError, "one device"),
+        (lambda q, t, y, r, o: ops.crop_resize(_IMG, _BOX.to("meta"), 4), ValueError, "boxes must be on the same"),
+        (lambda q, t, y, r, o: ops.roi_pool(_IMG, _BOX.to("meta"), 1.0), ValueError, "boxes must be on the same"),
+        # non-numeric hyper-parameters name the argument
+        (lambda q, t, y, r, o: ops.reformulated_softmax(q, y, temperature="4"), TypeError,
+         "temperature must be a real number .* got str '4'"),
+        (lambda q, t, y, r, o: ops.reformulated_softmax(q, y, log="yes"), TypeError, "log must be a bool"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, temperature="4"), TypeError, "temperature must be a real number"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, omega=None), TypeError, "omega must be a real number"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, gamma_pos=[1]), TypeError, "gamma_pos must be a real number"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, gamma_neg=True), TypeError, "gamma_neg must be a real number"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, weight_grad=1), TypeError, "weight_grad must be a bool"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, temperature=float("nan")), ValueError, "temperature must be > 0"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, temperature=float("inf")), ValueError, r"\(and finite\)"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, form=None), ValueError, "form must be one of 'divergence'"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, form="Paper"), ValueError, "form must be one of"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, reduction=["mean"]), ValueError, "reduction must be one of"),
+        (lambda q, t, y, r, o: ops.mbd_loss(q, t, y, backend=None), ValueError, "backend must be one of"),
+        (lambda q, t, y, r, o: ops.kd_loss(q, t, temperature=None), TypeError, "temperature must be a real number"),
+        (lambda q, t, y, r, o: ops.relation_loss(r, o, delta="1"), TypeError, "delta must be a real number"),
+        (lambda q, t, y, r, o: ops.relation_loss(r, o, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda q, t, y, r, o: ops.reconstruct_logits(o, q, y, layers=2.0), TypeError, "layers must be an int"),
+        (lambda q, t, y, r, o: ops.reconstruct_logits(o, q, y, layers=True), TypeError, "layers must be an int"),
+        (lambda q, t, y, r, o: ops.match_logit_scale(q, "t"), TypeError, "q must be a torch.Tensor"),
+        (lambda q, t, y, r, o: ops.match_logit_scale(q[:, :0], t[:, :0]), ValueError, "z must be non-empty"),
+        (lambda q, t, y, r, o: ops.match_logit_scale(q, t[:2]), ValueError, "q must have the same shape as z"),
+        (lambda q, t, y, r, o: ops.crop_resize(_IMG, _BOX, "4"), TypeError, "size must be an int or a pair"),
+        (lambda q, t, y, r, o: ops.crop_resize(_IMG, _BOX, 4, std=0), ValueError, "std must be non-zero"),
+        (lambda q, t, y, r, o: ops.crop_resize(_IMG, _BOX, 4, mean="a"), TypeError, "mean must be a number"),
+        (lambda q, t, y, r, o: ops.roi_pool(_IMG, _BOX, "1"), TypeError, "spatial_scale must be a float"),
+        (lambda q, t, y, r, o: ops.roi_pool(_IMG, _BOX, 1.0, mode=None), ValueError, "mode must be 'max' or 'avg'"),
+        # loss-module constructors check their arguments up front, not at the first forward
+        (lambda *_: losses.MSKDLoss(kappa="2"), TypeError, "kappa must be a real number"),
+        (lambda *_: losses.MSKDLoss(lam=-1.0), ValueError, "lam must be >= 0"),
+        (lambda *_: losses.MSKDLoss(iota=None, recipe="paper", temperature=0), ValueError, "temperature must be > 0"),
+        (lambda *_: losses.MSKDLoss(iota="0.1"), TypeError, "iota must be a real number"),
+        (lambda *_: losses.MSKDLoss(omega=2), ValueError, r"omega must be in \[0, 1\]"),
+        (lambda *_: losses.MSKDLoss(gamma_pos=None), TypeError, "gamma_pos must be a real number"),
+        (lambda *_: losses.MSKDLoss(layers=-1), ValueError, "layers must be an int >= 0"),
+        (lambda *_: losses.MSKDLoss(delta=0), ValueError, "delta must be > 0"),
+        (lambda *_: losses.MSKDLoss(use_lsd="no"), TypeError, "use_lsd must be a bool"),
+        (lambda *_: losses.MSKDLoss(use_mbd=None), TypeError, "use_mbd must be a bool"),
+        (lambda *_: losses.MSKDLoss(recipe="fast"), ValueError, "recipe must be one of 'stable', 'paper'"),
+        (lambda *_: losses.MSKDLoss(recipe=["paper"]), ValueError, "recipe must be one of"),
+        (lambda *_: losses.MSKDLoss(mbd_form="kl"), ValueError, "mbd_form must be one of"),
+        (lambda *_: losses.MSKDLoss(rsd_teacher_scale="yes"), ValueError, "rsd_teacher_scale must be one of"),
+        (lambda *_: losses.MSKDLoss(backend="gpu"), ValueError, "backend must be one of"),
+        (lambda *_: losses.MBDLoss(temperature="4"), TypeError, "temperature must be a real number"),
+        (lambda *_: losses.MBDLoss(form="x"), ValueError, "form must be one of"),
+        (lambda *_: losses.MBDLoss(reduction="avg"), ValueError, "reduction must be one of"),
+        (lambda *_: losses.MBDLoss(backend="x"), ValueError, "backend must be one of"),
+        (lambda *_: losses.RelationLoss(delta=None), TypeError, "delta must be a real number"),
+        (lambda *_: losses.RelationLoss(backend="x"), ValueError, "backend must be one of"),
+    ],
+)
+def test_argument_errors_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call(*_inputs())
+
+
+def test_checks_read_no_tensor_values():
+    """Meta tensors have no values: the checks pass on them, so they never read (or sync) device data."""
+    q, t, y, r, o = (x.to("meta") for x in _inputs())
+    assert ops.reformulated_softmax(q, y, temperature=2).device.type == "meta"
+    assert ops.mbd_loss(q, t, y, temperature=2, omega=1).device.type == "meta"
+    assert ops.relation_loss(r, o, delta=2).device.type == "meta"
+    assert ops.match_logit_scale(q, t).device.type == "meta"
+    total, _ = losses.MSKDLoss(iota=1, kappa=0)(q, r, o, t, y)
+    assert total.device.type == "meta"
+
+
+def test_integer_hyper_parameters_are_accepted():
+    q, t, y, r, o = _inputs()
+    torch.testing.assert_close(ops.mbd_loss(q, t, y, temperature=4, omega=1, gamma_neg=1),
+                               ops.mbd_loss(q, t, y, temperature=4.0, omega=1.0, gamma_neg=1.0))
+    torch.testing.assert_close(ops.relation_loss(r, o, delta=1), ops.relation_loss(r, o, delta=1.0))
+
+
+@pytest.mark.parametrize("recipe", ["stable", "paper"])
+def test_mskd_loss_is_weighted_sum_of_terms(recipe):
     q, q_prev, y, r, o = _inputs(b=6, s=4, c=7)
     q.requires_grad_()
     r.requires_grad_()
-    crit = losses.MSKDLoss(iota=1.5, kappa=2.0, lam=2.0)
+    crit = losses.MSKDLoss(iota=1.5, kappa=2.0, lam=2.0, recipe=recipe)
     total, terms = crit(q, r, o, q_prev, y)
     z = ref.reconstruct_logits(o, q.detach(), y, layers=2)
+    if recipe == "stable":
+        z = ref.match_logit_scale(z, q.detach())
+    form = losses.RECIPES[recipe]["mbd_form"]
     expected = {
         "bce": F.binary_cross_entropy_with_logits(q, y),
         "lsd": ref.relation_loss(r, o),
-        "rsd": ref.mbd_loss(q, z, y),
-        "ssd": ref.mbd_loss(q, q_prev, y),
+        "rsd": ref.mbd_loss(q, z, y, form=form),
+        "ssd": ref.mbd_loss(q, q_prev, y, form=form),
     }
     for name, value in expected.items():
         torch.testing.assert_close(terms[name], value.detach())

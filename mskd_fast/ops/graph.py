@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validation import check_float, check_rank, check_same_device, check_targets
+from .._validation import check_float, check_int, check_nonempty, check_rank, check_same_device, check_targets
 from ._backend import use_triton
 from .relation import check_crop_logits
 
@@ -72,8 +72,7 @@ def reconstruct_logits(
     _check_graph_inputs(patch_logits, logits)
     check_targets("targets", targets, "logits", logits)
     check_same_device(patch_logits=patch_logits, targets=targets)
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
-        raise ValueError(f"layers must be an int >= 0, got {layers!r}")
+    check_int("layers", layers, 0)
     _check_k(k, patch_logits.numel())
     if use_triton(backend, patch_logits, logits, targets):
         from mskd_fast import kernels
@@ -95,6 +94,7 @@ def match_logit_scale(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """
     check_float("z", z)
     check_rank("z", z, 2, "(B, C)")
+    check_nonempty("z", z, "(B, C)")
     check_float("q", q)
     if q.shape != z.shape:
         raise ValueError(f"q must have the same shape as z {tuple(z.shape)}, got {tuple(q.shape)}")

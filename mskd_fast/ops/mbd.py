@@ -6,6 +6,7 @@ import torch
 
 from .. import reference
 from .._validation import (
+    check_bool,
     check_choice,
     check_float,
     check_logits_pair,
@@ -13,7 +14,9 @@ from .._validation import (
     check_nonnegative,
     check_positive,
     check_rank,
+    check_same_device,
     check_targets,
+    check_unit_interval,
 )
 from ._backend import use_triton
 
@@ -38,14 +41,17 @@ def reformulated_softmax(
     check_rank("logits", logits, 2, "(B, C)")
     check_nonempty("logits", logits, "(B, C)")
     check_targets("targets", targets, "logits", logits)
+    check_same_device(logits=logits, targets=targets)
     check_positive("temperature", temperature)
+    check_bool("log", log)
     return reference.reformulated_softmax(logits, targets, temperature=temperature, log=log)
 
 
-def _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction, form="divergence") -> None:
+def check_mbd_args(temperature, omega, gamma_pos, gamma_neg, weight_grad, reduction, form) -> None:
+    """The hyper-parameters of :func:`mbd_loss` (shared with ``MBDLoss`` / ``MSKDLoss`` constructors)."""
     check_positive("temperature", temperature)
-    if not (0.0 <= omega <= 1.0):
-        raise ValueError(f"omega must be in [0, 1], got {omega!r}")
+    check_unit_interval("omega", omega)
+    check_bool("weight_grad", weight_grad)
     check_nonnegative("gamma_pos", gamma_pos)
     check_nonnegative("gamma_neg", gamma_neg)
     check_choice("reduction", reduction, ("mean", "sum", "none"))
@@ -85,7 +91,7 @@ def mbd_loss(
         The loss, ``T**2`` times the reduced per-row sum of the form's weighted terms.
     """
     check_logits_pair(student, teacher, targets)
-    _check_mbd_args(temperature, omega, gamma_pos, gamma_neg, reduction, form)
+    check_mbd_args(temperature, omega, gamma_pos, gamma_neg, weight_grad, reduction, form)
     kwargs = dict(
         temperature=temperature, omega=omega, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
         weight_grad=weight_grad, reduction=reduction, form=form,
