@@ -85,17 +85,23 @@ def _json_safe(value):
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
+    from mskd_fast._cli import ArgumentParser, HelpFormatter
     from mskd_fast.data import add_data_args
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m mskd_fast.evaluate",
         description="Evaluate a trainer checkpoint: print mAP, OP/OR/OF1, CP/CR/CF1, P@1, R@1 and write "
                     "metrics.json, per_class_ap.csv and (datasets with boxes) scale_recall.{csv,md,png}. "
                     "Data flags default to the checkpoint's training run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="last.pt / best.pt of a training run")
     data = add_data_args(p)
+    for action in data._group_actions:  # without --dataset every data flag is taken from the training run
+        if action.dest in _DATA_KEYS:
+            given = action.default is not None and action.dest != "dataset"
+            other = f"; when --dataset is given: {action.default}" if given else ""
+            action.help = f"{action.help} (default: the training run's{other})"
     data.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto", help="data loader backend")
     data.add_argument("-j", "--workers", type=int, default=2, help="loader workers / DALI threads")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="eval batch size (default: the run's)")

@@ -21,7 +21,8 @@ import ast
 import math
 import os
 
-from mskd_fast.data import add_data_args
+from mskd_fast._cli import ArgumentParser, HelpFormatter, set_help
+from mskd_fast.data import SyntheticConfig, add_data_args
 from mskd_fast.losses import RECIPES, resolve_recipe
 
 __all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
@@ -58,10 +59,6 @@ class ParseKwargs(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
 DESCRIPTION = """\
 Train a multi-label classifier with MSKD (Multi-label Self Knowledge Distillation, AAAI 2025) or plain
 BCE (--method vanilla), on one device or under torchrun (DDP).
@@ -83,10 +80,16 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's argument parser (data flags come from ``mskd_fast.data.add_data_args``)."""
-    p = argparse.ArgumentParser(
-        prog="python -m mskd_fast.train", description=DESCRIPTION, epilog=EPILOG, formatter_class=_Formatter
+    p = ArgumentParser(
+        prog="python -m mskd_fast.train", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
     data = add_data_args(p)
+    set_help(p, "synthetic_size",
+             f"synthetic dataset: number of training images (default {SyntheticConfig.train_size}; synthetic demo: "
+             f"{DEMO_CPU['synthetic_size']} on CPU, {DEMO_GPU['synthetic_size']} on GPU)")
+    set_help(p, "synthetic_test_size",
+             "synthetic dataset: number of test images (default: 30%% of --synthetic-size; synthetic demo: "
+             f"{DEMO_CPU['synthetic_test_size']} on CPU, {DEMO_GPU['synthetic_test_size']} on GPU)")
     data.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
                       help="data loader backend: NVIDIA DALI, the torch DataLoader, or auto (DALI if installed)")
     data.add_argument("-j", "--workers", type=int, default=2,
