@@ -34,6 +34,7 @@ import torch.nn as nn
 __all__ = [
     "MSKDModel",
     "PretrainedWeightsMissing",
+    "check_model",
     "create_model",
     "eval_twin",
     "find_cached_pretrained",
@@ -217,6 +218,56 @@ def _timm_create(name: str, img_size: int | None, **kwargs) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
+def _check_model_name(name) -> None:
+    import timm
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = timm.list_models(f"*{str(name).split('.')[0][:8]}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ValueError(f"--model {name!r} is not a timm model name{hint}")
+
+
+_SUPPORTED_EXAMPLES = "resnet34, mobilenetv2_100, convnext_tiny, swin_tiny_patch4_window7_224"
+
+
+def check_model(name: str, *, img_size: int | None = None, **timm_kwargs) -> tuple[int, int, int] | None:
+    """Check that timm model ``name`` can serve as an MSKD backbone, without allocating any weights.
+
+    Builds the backbone on the ``meta`` device (shapes only, no memory, no initialisation cost) with
+    the run's ``img_size`` and ``timm_kwargs`` and runs :meth:`MSKDModel.features` on a meta image, so
+    the same rules apply as in training: a spatial feature map (NCHW, or NHWC with ``output_fmt``) whose
+    channels equal ``num_features`` and whose vertical and horizontal scales agree.
+
+    Returns the feature map's ``(D, h, w)``, or ``None`` when the model cannot be probed on the meta
+    device (some op without a meta kernel): then the check is left to the real build. Raises
+    ``ValueError`` naming ``--model`` / ``--model-kwargs`` for an unknown name, a model without a
+    spatial feature map (e.g. plain ViT), or arguments timm rejects.
+    """
+    _check_model_name(name)
+    size = 224 if img_size is None else img_size
+    try:
+        with torch.device("meta"):
+            backbone = _timm_create(name, img_size, pretrained=False, num_classes=0, **timm_kwargs)
+            model = MSKDModel(backbone, 1).eval()
+            images = torch.empty(1, 3, size, size)
+            with torch.no_grad():
+                features = model.features(images)
+            spatial_scale(features, images)
+    except (TypeError, AssertionError, RuntimeError, NotImplementedError, ValueError) as exc:
+        if "meta" in str(exc).lower():
+            return None
+        if isinstance(exc, ValueError) and "feature map" in str(exc):
+            raise ValueError(
+                f"--model {name!r} is not supported: {exc}. Use a model with a spatial feature map, "
+                f"e.g. {_SUPPORTED_EXAMPLES}"
+            ) from None
+        given = f" and --model-kwargs {timm_kwargs}" if timm_kwargs else ""
+        raise ValueError(
+            f"--model {name!r} cannot be built with --img-size {size}{given}: {type(exc).__name__}: {exc}"
+        ) from None
+    return tuple(features.shape[1:])
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -235,12 +286,7 @@ def create_model(
     take it (Swin/ViT-style models are built for a fixed size). ``init_note`` says how the weights were
     initialised, for the run log.
     """
-    import timm
-
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        raise ValueError(f"--model {name!r} is not a timm model name{hint}")
+    _check_model_name(name)
     note = "random init"
     overlay = None
     if pretrained:

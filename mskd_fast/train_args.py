@@ -24,6 +24,7 @@ import os
 from mskd_fast._cli import ArgumentParser, HelpFormatter, set_help
 from mskd_fast.data import SyntheticConfig, add_data_args
 from mskd_fast.losses import RECIPES, resolve_recipe
+from mskd_fast.models import check_model
 
 __all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
 
@@ -281,7 +282,11 @@ def _need(cond: bool, flag: str, expected: str, value) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Check every resolved flag; raises ``ValueError``/``FileNotFoundError`` naming the flag."""
+    """Check every resolved flag; raises ``ValueError``/``FileNotFoundError`` naming the flag.
+
+    Includes :func:`mskd_fast.models.check_model` (``--model`` / ``--model-kwargs`` / ``--img-size``, probed
+    on the meta device), so an unsupported backbone fails before the run folder is created.
+    """
     finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     _need(isinstance(args.img_size, int) and args.img_size >= 16, "--img-size", "an int >= 16", args.img_size)
     _need(args.batch_size >= 1, "--batch-size", ">= 1", args.batch_size)
@@ -322,3 +327,4 @@ def validate(args: argparse.Namespace) -> None:
     if args.experiment is not None:
         _need(args.experiment not in ("", ".", "..") and os.sep not in args.experiment, "--experiment",
               "a folder name (no path separators)", args.experiment)
+    check_model(args.model, img_size=args.img_size, **args.model_kwargs)  # before any run folder exists

@@ -11,6 +11,7 @@ from mskd_fast import reference
 from mskd_fast.models import (
     MSKDModel,
     PretrainedWeightsMissing,
+    check_model,
     create_model,
     eval_twin,
     find_cached_pretrained,
@@ -63,6 +64,45 @@ def test_token_sequence_model_is_refused_clearly():
     model, _ = create_model("vit_tiny_patch16_224", 3, img_size=32, depth=1)
     with pytest.raises(ValueError, match="spatial feature map"):
         model(torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("resnet10t", dict(img_size=64, **TINY_RESNET), (64, 2, 2)),
+        ("swin_tiny_patch4_window7_224", dict(img_size=64, **TINY_SWIN), (128, 2, 2)),  # NHWC map
+        ("resnet34", dict(img_size=224), (512, 7, 7)),  # full size: cheap, nothing is allocated
+    ],
+)
+def test_check_model_accepts_spatial_backbones(name, kwargs, expected):
+    assert check_model(name, **kwargs) == expected
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, pattern",
+    [
+        ("vit_tiny_patch16_224", dict(img_size=64), r"--model 'vit_tiny_patch16_224' is not supported: .*spatial "
+                                                   r"feature map.*e\.g\. resnet34"),
+        ("deit_tiny_patch16_224", {}, "is not supported"),
+        ("resnet_does_not_exist", {}, "--model 'resnet_does_not_exist' is not a timm model name"),
+        ("resnet10t", dict(no_such_arg=1), r"--model 'resnet10t' cannot be built .*--model-kwargs \{'no_such_arg'"),
+    ],
+)
+def test_check_model_refuses_with_one_clear_message(name, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        check_model(name, **kwargs)
+
+
+def test_unsupported_model_fails_through_the_cli_before_any_run_folder(tmp_path, capsys):
+    from mskd_fast import train
+
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", "vit_tiny_patch16_224", "--output", str(out), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model 'vit_tiny_patch16_224' is not supported" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_unknown_model_and_bad_arguments():
