@@ -1,24 +1,26 @@
 """``python -m mskd_fast.train``: MSKD (or vanilla BCE) training of a timm backbone; see ``--help``.
 
 Flow: parse and resolve flags (:mod:`mskd_fast.train_args`), validate them, read the checkpoint to resume
-and the dataset indices, build loaders, model (+ eval twin as the teacher), loss, fused SGD, per-step
-LR schedule and the :class:`mskd_fast.step.TrainStep`; every one of these can fail with a clear message
-*before* the first step. Then epochs of steps with a look-ahead batch (S-SD, see ``mskd_fast.step``),
-evaluation, reports and atomic checkpoints (rank 0 only under DDP).
+and the dataset indices, choose and check the run folder (:mod:`mskd_fast.run_dir`), build loaders, model
+(+ eval twin as the teacher), loss, fused SGD, per-step LR schedule and the :class:`mskd_fast.step.TrainStep`;
+every one of these can fail with a clear message *before* the first step and before anything is written.
+Then epochs of steps with a look-ahead batch (S-SD, see ``mskd_fast.step``), evaluation (with the collapse
+guard, :mod:`mskd_fast.collapse`), reports and atomic checkpoints (rank 0 only under DDP).
 
-Resume (``--resume PATH``) restores model, optimizer, scheduler, GradScaler, the RNG states of every rank
-(python, numpy, torch, CUDA, the crop-box generator), epoch/step counters, history, and the S-SD
-look-ahead logits. Mid-epoch checkpoints (Ctrl-C, non-finite stop) continue at the next step; the loader
-replays the epoch's order (a function of ``(seed, epoch)``) and skips the batches already trained on.
-The S-SD logits are only reused if the first batch after resume is the one they were computed for (a
-fingerprint of its sample ids and pixels is stored); otherwise that one step runs without S-SD and the
-trainer says so (this happens with loaders whose augmentation is not a function of ``(seed, epoch)``).
+Resume (``--resume PATH``, :mod:`mskd_fast.resume`) restores model, optimizer, scheduler, GradScaler, the
+RNG states of every rank (python, numpy, torch, CUDA, the crop-box generator), epoch/step counters,
+history, and the S-SD look-ahead logits. Mid-epoch checkpoints (Ctrl-C, non-finite stop) continue at the
+next step; the loader replays the epoch's order (a function of ``(seed, epoch)``) and skips the batches
+already trained on. The S-SD logits are only reused if the first batch after resume is the one they were
+computed for (a fingerprint of its sample ids and pixels is stored); otherwise that one step runs without
+S-SD and the trainer says so (this happens with loaders whose augmentation is not a function of
+``(seed, epoch)``). ``--lr`` and ``--clip-grad`` may change at resume (recorded).
 
-Non-finite loss/gradient: the step is skipped on the device (no host sync per step) and counted; the
-counters are read every ``--log-interval`` steps, and once 10 consecutive steps were skipped the run stops
-with a recovery checkpoint. SIGINT/SIGTERM: the run stops after the current step (single process) or at
-the next log interval (DDP, so that all ranks stop at the same step) and writes ``recovery.pt``; a second
-signal kills immediately.
+Non-finite loss/gradient: the step is skipped on the device (no host sync per step) and counted; epoch
+means average over the steps that counted. The counters are read every ``--log-interval`` steps, and once
+10 consecutive steps were skipped the run stops with a recovery checkpoint (a resume starts a new streak).
+SIGINT/SIGTERM: the run stops after the current step (single process) or at the next log interval (DDP,
+so that all ranks stop at the same step) and writes ``recovery.pt``; a second signal kills immediately.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
 
-from mskd_fast.checkpoint import FORMAT, atomic_save, capture_rng, load_checkpoint, restore_rng
+from mskd_fast.checkpoint import atomic_save, load_checkpoint
 from mskd_fast.distributed import (
     DistContext,
     all_gather_objects,
@@ -43,17 +46,13 @@ from mskd_fast.distributed import (
     resolve_device,
     shutdown,
 )
+from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state, same_batch
 from mskd_fast.train_args import build_parser, explicit_flags, resolve_defaults, validate
+from mskd_fast.train_log import TERMS, say
 
-__all__ = ["main", "Trainer"]
+__all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
 NONFINITE_LIMIT = 10
-TERMS = ("loss", "bce", "lsd", "rsd", "ssd")
-# flags that may differ from the checkpoint's when resuming (everything else must match)
-RESUME_OVERRIDABLE = {
-    "epochs", "log_interval", "eval_interval", "workers", "loader", "device", "no_progress", "data_dir",
-    "synthetic_cache", "output", "experiment", "resume", "on_bad_image",
-}
 
 
 class SetupError(ValueError):
@@ -61,54 +60,78 @@ class SetupError(ValueError):
 
 
 @dataclass
+class Resume:
+    """A checkpoint to continue: its dict, path, the flags given on the command line, changed settings."""
+
+    blob: dict
+    path: str
+    explicit: set = field(default_factory=set)
+    changes: dict = field(default_factory=dict)
+
+
+@dataclass
 class EpochStats:
-    """Running sums of one epoch (device tensors until read)."""
+    """Running sums of one epoch (device tensors until read). Loss sums skip non-finite steps."""
 
     sums: dict = field(default_factory=dict)
     steps: int = 0
-    skipped: int = 0
+    skipped: int = 0  # unused; the device count is ``sums["skipped"]``
     samples: int = 0
     train_time: float = 0.0
+
+    def add(self, out: dict) -> None:
+        """Add one step's outputs (``TrainStep.__call__``); no host sync."""
+        keep = out["skipped"] == 0
+        for key in TERMS:
+            value = out["total"] if key == "loss" else out[key]
+            value = torch.where(keep, value, torch.zeros_like(value))
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        skipped = out["skipped"]
+        self.sums["skipped"] = self.sums["skipped"] + skipped if "skipped" in self.sums else skipped.clone()
+        self.steps += 1
+
+    def means(self) -> torch.Tensor:
+        """Device float64 tensor: the TERMS means over the steps that counted (NaN if none), then the skip count."""
+        skipped = self.sums["skipped"].double()
+        counted = self.steps - skipped
+        sums = torch.stack([self.sums[k].double() for k in TERMS])
+        means = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, math.nan))
+        return torch.cat([means, skipped.view(1)])
 
     def state(self) -> dict:
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
-
-def _fingerprint(images: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Identity of a batch: its sample ids and two float64 pixel sums (host sync; used at checkpoints only)."""
-    x = images.detach().double()
-    return {"sample_ids": ids.detach().cpu().clone(), "sum": float(x.sum()), "abs_sum": float(x.abs().sum())}
-
-
-def _same_batch(fp: dict, images: torch.Tensor, ids: torch.Tensor) -> bool:
-    now = _fingerprint(images, ids)
-    return (torch.equal(fp["sample_ids"], now["sample_ids"])
-            and math.isclose(fp["sum"], now["sum"], rel_tol=0, abs_tol=1e-6 * max(1.0, fp["abs_sum"]))
-            and math.isclose(fp["abs_sum"], now["abs_sum"], rel_tol=1e-9, abs_tol=1e-6))
-
-
-def _plain(obj):
-    """Tuples -> lists, recursively (for YAML's safe dumper)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
+    @classmethod
+    def from_state(cls, state: dict, device) -> EpochStats:
+        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
+                   steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
+                   train_time=state["train_time"])
 
 
 class Trainer:
     """Everything a run needs, built and validated in ``__init__``; ``fit()`` trains."""
 
-    def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume_blob: dict | None):
+    def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume: Resume | None):
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
         from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
+        from mskd_fast.run_dir import check_run_folder, choose_run_folder
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
 
         self.args, self.ctx, self.notes = args, ctx, notes
         self.device = device = ctx.device
         self.t_start = time.time()
+        resume_blob = None if resume is None else resume.blob
+        self.resume_changes = {} if resume is None else resume.changes
+        self.run_id = uuid.uuid4().hex
+        self.resume_notes: list[str] = []
+        self.out_dir = None
+        if ctx.is_main:  # checked before anything is built or written
+            self.out_dir = choose_run_folder(args, set() if resume is None else resume.explicit,
+                                             None if resume is None else resume.path)
+            check_run_folder(self.out_dir, None if resume is None else resume.path,
+                             None if resume_blob is None else resume_blob.get("run_id"))
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -150,7 +173,7 @@ class Trainer:
             self.init_note = load_initial_checkpoint(model, args.initial_checkpoint)
         if resume_blob is not None:
             model.load_state_dict(resume_blob["model"])
-            self.init_note = f"resumed from {args.resume}"
+            self.init_note = f"resumed from {resume.path}"
         model.to(device)
         if args.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -198,32 +221,37 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict] = []
         self.best = {"mAP": -math.inf, "epoch": None}
+        self.resumes: list[dict] = []
         self.look_ahead_fp = None
         self.epoch_stats = EpochStats()
-        if resume_blob is not None:
-            self._load_state(resume_blob)
+        if resume is not None:
+            self.resume_notes += restore_state(self, resume_blob)
+            self.resumes.append({"from": os.path.abspath(resume.path), "epoch": self.epoch,
+                                 "step_in_epoch": self.step_in_epoch, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "changed": {k: list(v) for k, v in resume.changes.items()}})
 
         # ---- outputs
-        self.out_dir = None
         if ctx.is_main:
-            self.out_dir = self._run_dir(resume_blob)
-            os.makedirs(self.out_dir, exist_ok=True)
-            if resume_blob is None and os.path.exists(os.path.join(self.out_dir, "last.pt")):
-                raise SetupError(f"{self.out_dir} already holds a run (last.pt); use --resume "
-                                 f"{os.path.join(self.out_dir, 'last.pt')} or another --experiment")
-            self._write_args_yaml()
+            self._prepare_run_folder(resume)
         self.stop_signal = None
         self._old_handlers = {}
 
-    # ------------------------------------------------------------------ setup helpers
-    def _run_dir(self, resume_blob) -> str:
-        a = self.args
-        if a.experiment:
-            return os.path.join(a.output, a.experiment)
-        if resume_blob is not None:
-            return os.path.dirname(os.path.abspath(a.resume))
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{a.dataset}-{a.model}-{a.method}"
-        return os.path.join(a.output, name)
+    # ------------------------------------------------------------------ run folder
+    def _prepare_run_folder(self, resume: Resume | None) -> None:
+        """Create the folder, remove stale temp files, repair ``best.pt`` on resume, write ``args.yaml``."""
+        from mskd_fast.run_dir import remove_stale_temps, repair_best
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.args.output, self.args.experiment = os.path.split(self.out_dir)
+        for path in remove_stale_temps(self.out_dir):
+            self.resume_notes.append(f"removed a stale temporary file of an interrupted write: {path}")
+        if resume is not None:
+            note = repair_best(self.out_dir, resume.blob, resume.path)
+            if note:
+                self.resume_notes.append(note)
+            if os.path.dirname(os.path.abspath(resume.path)) != self.out_dir:
+                self.resume_notes.append(f"continuing {resume.path} in a new folder (--output/--experiment)")
+        self._write_args_yaml()
 
     def _write_args_yaml(self) -> None:
         import yaml
@@ -237,96 +265,24 @@ class Trainer:
                 "amp_dtype": None if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
                 "steps_per_epoch": self.steps_per_epoch, "num_classes": self.num_classes,
                 "train": self.train_index.summary(), "eval": self.eval_index.summary(),
-                "init": self.init_note, "notes": self.notes,
+                "init": self.init_note, "notes": self.notes, "run_id": self.run_id,
                 "torch": str(torch.__version__),
             },
+            "resumes": self.resumes,
         }
         write_text(os.path.join(self.out_dir, "args.yaml"), yaml.safe_dump(_plain(info), sort_keys=False))
 
-    def _load_state(self, blob: dict) -> None:
-        ctx = self.ctx
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.scheduler.load_state_dict(blob["scheduler"])
-        # the schedule's length follows --epochs of this run (it may have been extended)
-        self.scheduler.lr_lambdas[0].kwargs["total_steps"] = self.total_steps
-        self.scheduler.lr_lambdas[-1].kwargs["total_steps"] = self.total_steps
-        if self.scaler is not None and blob.get("scaler") is not None:
-            self.scaler.load_state_dict(blob["scaler"])
-        self.step.load_state_dict(blob["step_state"])
-        rngs = blob["rng"]
-        if len(rngs) == ctx.world_size:
-            for note in restore_rng(rngs[ctx.rank], self.box_generator):
-                self.notes.append(note)
-        else:
-            print(f"note: checkpoint has RNG states of {len(rngs)} processes, this run has {ctx.world_size}: "
-                  "RNG streams restart from --seed (the run continues, but not bit-exactly)")
-        self.epoch, self.step_in_epoch = int(blob["epoch"]), int(blob["step_in_epoch"])
-        self.global_step = int(blob["global_step"])
-        self.history = list(blob["history"])
-        self.best = dict(blob["best"])
-        self.look_ahead_fp = blob.get("look_ahead")
-        if self.look_ahead_fp is not None and ctx.world_size > 1:
-            fps = self.look_ahead_fp.get("per_rank")
-            self.look_ahead_fp = fps[ctx.rank] if fps and len(fps) == ctx.world_size else None
-            if self.look_ahead_fp is None:
-                self.step.drop_q_prev()
-        q_prev_all = blob["step_state"].get("q_prev_per_rank")
-        if q_prev_all is not None:
-            q = q_prev_all[ctx.rank] if len(q_prev_all) == ctx.world_size else None
-            self.step.q_prev = None if q is None else q.to(self.device)
-        acc = blob.get("epoch_acc")
-        if acc and self.step_in_epoch > 0:
-            self.epoch_stats = EpochStats(
-                sums={k: torch.tensor(v, device=self.device) for k, v in acc["sums"].items()},
-                steps=acc["steps"], skipped=acc["skipped"], samples=acc["samples"], train_time=acc["train_time"])
-        if self.epoch >= self.args.epochs:
-            raise SetupError(f"--resume: the checkpoint already completed {self.epoch} epochs "
-                             f"(--epochs {self.args.epochs}); pass a larger --epochs to continue")
-
-    # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_blob(self, kind: str, next_batch) -> dict | None:
-        """Gather per-rank state (collective under DDP) and build the checkpoint dict on rank 0."""
-        from mskd_fast.models import unwrap
-
-        step_state = self.step.state_dict()
-        fp = None if next_batch is None else _fingerprint(next_batch[0], next_batch[2])
-        local = {"rng": capture_rng(self.box_generator), "q_prev": step_state["q_prev"], "fp": fp}
-        gathered = all_gather_objects(self.ctx, local)
-        if not self.ctx.is_main:
-            return None
-        step_state["q_prev_per_rank"] = [g["q_prev"] for g in gathered]
-        look_ahead = gathered[0]["fp"]
-        if self.ctx.distributed and look_ahead is not None:
-            look_ahead = dict(look_ahead, per_rank=[g["fp"] for g in gathered])
-        a = self.args
-        return {
-            "format": FORMAT,
-            "kind": kind,
-            "args": {k: v for k, v in vars(a).items()},
-            "meta": {"model_name": a.model, "num_classes": self.num_classes,
-                     "class_names": list(self.train_index.class_names), "img_size": a.img_size,
-                     "roi_mode": a.roi_mode, "model_kwargs": dict(a.model_kwargs), "dataset": a.dataset,
-                     "method": a.method},
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "step_state": step_state,
-            "rng": [g["rng"] for g in gathered],
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "epoch_acc": self.epoch_stats.state() if self.step_in_epoch else None,
-            "history": self.history,
-            "best": self.best,
-            "look_ahead": look_ahead,
-            "world_size": self.ctx.world_size,
-        }
-
     def _save(self, names: list[str], kind: str, next_batch) -> list[str]:
-        blob = self._checkpoint_blob(kind, next_batch)
+        """Write the checkpoint as each of ``names`` (rank 0; collective under DDP); returns the paths."""
+        from mskd_fast.run_dir import keep_old_recovery
+
+        blob = checkpoint_state(self, kind, next_batch)
         if blob is None:
             return []
+        if "recovery.pt" in names:
+            kept = keep_old_recovery(self.out_dir)
+            if kept:
+                self._say(f"note: the previous recovery.pt is kept as {kept}")
         return [atomic_save(blob, os.path.join(self.out_dir, name)) for name in names]
 
     # ------------------------------------------------------------------ signals
@@ -360,7 +316,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def fit(self) -> int:
-        self._print_header()
+        """Train the remaining epochs; returns the exit code (0, 1 after a non-finite stop, 128+signal)."""
+        if self.ctx.is_main:
+            from mskd_fast.train_log import header
+
+            self._say(header(self))
         self._install_signals()
         try:
             return self._fit()
@@ -379,12 +339,7 @@ class Trainer:
             epoch, i, (images, targets, ids) = cur
             if bar is None and ctx.is_main and not a.no_progress and sys.stdout.isatty():
                 bar = self._progress_bar(epoch, i)
-            if self.look_ahead_fp is not None:  # first step after a resume: is q_prev for this very batch?
-                if self.step.q_prev is not None and not _same_batch(self.look_ahead_fp, images, ids):
-                    self._say("note: the first batch after resume differs from the one whose S-SD logits were "
-                              "saved (loader augmentation not reproducible); this step runs without S-SD")
-                    self.step.drop_q_prev()
-                self.look_ahead_fp = None
+            self._check_look_ahead(images, ids)
             try:
                 nxt = next(stream, None)
             except Exception:
@@ -396,38 +351,23 @@ class Trainer:
                     bar.close()
                 return self._stop("signal", cur)
             out = self.step(images, targets, None if nxt is None else nxt[2][0])
-            st = self.epoch_stats
-            for key in TERMS:
-                value = out["total"] if key == "loss" else out[key]
-                st.sums[key] = st.sums[key] + value if key in st.sums else value.clone()
-            st.sums["skipped"] = st.sums["skipped"] + out["skipped"] if "skipped" in st.sums else out["skipped"].clone()
-            st.steps += 1
-            st.samples += images.shape[0] * ctx.world_size
+            self.epoch_stats.add(out)
+            self.epoch_stats.samples += images.shape[0] * ctx.world_size
             self.step_in_epoch = i + 1
             self.global_step += 1
             window_steps += 1
             if bar is not None:
                 bar.update(1)
             end_of_epoch = nxt is None or nxt[0] != epoch
-            stop = None
-            if ctx.world_size == 1 and self.stop_signal is not None:
-                stop = "signal"
+            stop = "signal" if ctx.world_size == 1 and self.stop_signal is not None else None
             if window_steps >= a.log_interval or end_of_epoch or stop:
-                values = torch.stack([st.sums[k] / st.steps for k in TERMS]
-                                     + [self.step.nonfinite_max_streak.double(), st.sums["skipped"].double()])
-                values = values.tolist()
                 now = time.time()
                 rate = window_steps * images.shape[0] * ctx.world_size / max(now - window_t, 1e-9)
                 window_t, window_steps = now, 0
-                flags = all_reduce_max(ctx, [values[-2], float(self.stop_signal is not None)])
-                if flags[0] >= NONFINITE_LIMIT:
-                    stop = "nonfinite"
-                elif flags[1] > 0:
-                    stop = "signal"
-                self._show_progress(bar, epoch, i, values, rate)
+                stop = self._log_window(bar, epoch, i, rate) or stop
             if end_of_epoch:
                 sync()
-                st.train_time += time.time() - epoch_t0
+                self.epoch_stats.train_time += time.time() - epoch_t0
                 if bar is not None:
                     bar.close()
                     bar = None
@@ -436,30 +376,58 @@ class Trainer:
             if stop:
                 return self._stop(stop, nxt)
             cur = nxt
-        self._final_summary()
+        if ctx.is_main:
+            from mskd_fast.train_log import final_summary
+
+            self._say(final_summary(self))
         return 0
 
+    def _check_look_ahead(self, images, ids) -> None:
+        """First step after a resume: drop the saved S-SD logits unless they are for this very batch."""
+        if self.look_ahead_fp is None:
+            return
+        if self.step.q_prev is not None and not same_batch(self.look_ahead_fp, images, ids):
+            self._say("note: the first batch after resume differs from the one whose S-SD logits were "
+                      "saved (loader augmentation not reproducible); this step runs without S-SD")
+            self.step.drop_q_prev()
+        self.look_ahead_fp = None
+
+    def _log_window(self, bar, epoch: int, i: int, rate: float) -> str | None:
+        """Read the device counters (one host sync), show progress; returns a stop reason or ``None``."""
+        from mskd_fast.train_log import progress_text
+
+        values = torch.cat([self.epoch_stats.means(), self.step.nonfinite_max_streak.double().view(1)]).tolist()
+        flags = all_reduce_max(self.ctx, [values[-1], float(self.stop_signal is not None)])
+        if self.ctx.is_main:
+            text = progress_text(self.args.method, dict(zip(TERMS, values)), rate, int(values[len(TERMS)]))
+            if bar is not None:
+                bar.set_postfix_str(text, refresh=True)
+            else:
+                self._say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch}: {text}")
+        if flags[0] >= NONFINITE_LIMIT:
+            return "nonfinite"
+        return "signal" if flags[1] > 0 else None
+
     def _end_epoch(self, epoch: int, nxt) -> None:
-        a, ctx = self.args, self.ctx
-        st = self.epoch_stats
-        keys = list(TERMS) + ["skipped"]
-        means = torch.stack([st.sums[k].double() for k in keys]).tolist()
+        from mskd_fast.reports import METRIC_KEYS
+        from mskd_fast.train_log import epoch_line
+
+        a, st = self.args, self.epoch_stats
+        means = st.means().tolist()
         row = {"epoch": epoch + 1, "step": self.global_step}
-        row.update({k: v / max(st.steps, 1) for k, v in zip(TERMS, means[: len(TERMS)])})
+        row.update(zip(TERMS, means[: len(TERMS)]))
         row["nonfinite_skipped"] = int(means[-1])
+        row["steps_counted"] = st.steps - row["nonfinite_skipped"]
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         row["lr_backbone"] = self.optimizer.param_groups[0]["lr"]
         row["img_s"] = st.samples / max(st.train_time, 1e-9)
         row["train_time_s"] = st.train_time
-        last = epoch + 1 == a.epochs
-        evaluate_now = last or (a.eval_interval > 0 and (epoch + 1) % a.eval_interval == 0)
+        evaluate_now = epoch + 1 == a.epochs or (a.eval_interval > 0 and (epoch + 1) % a.eval_interval == 0)
         self._sync_buffers()
         result = None
         if evaluate_now:
             result, eval_time = self._evaluate(epoch)
             row["eval_time_s"] = eval_time
-        from mskd_fast.reports import METRIC_KEYS
-
         for key in METRIC_KEYS:
             row[key] = float(result[key]) if result is not None else float("nan")
         row["eval_samples"] = result["num_samples"] if result is not None else 0
@@ -471,21 +439,10 @@ class Trainer:
         improved = result is not None and not math.isnan(row["mAP"]) and row["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": row["mAP"], "epoch": epoch + 1}
-        names = ["last.pt"] + (["best.pt"] if improved else [])
-        self._save(names, "epoch", nxt[2] if nxt is not None else None)
-        if ctx.is_main:
+        self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
+        if self.ctx.is_main:
             self._write_reports()
-            msg = (f"epoch {epoch + 1}/{a.epochs}: loss {row['loss']:.4f} (bce {row['bce']:.4f} lsd {row['lsd']:.4f} "
-                   f"rsd {row['rsd']:.4f} ssd {row['ssd']:.4f}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s")
-            if result is not None:
-                from mskd_fast.reports import format_metrics
-
-                msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
-            if row["nonfinite_skipped"]:
-                msg += f" | {row['nonfinite_skipped']} non-finite steps skipped"
-            if reasons:
-                msg += " | WARNING collapsing: " + "; ".join(reasons)
-            self._say(msg)
+            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons))
 
     def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
         """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""
@@ -508,6 +465,7 @@ class Trainer:
                 dist.broadcast(buf, 0)
 
     def _evaluate(self, epoch: int):
+        from mskd_fast.collapse import eval_signals
         from mskd_fast.evaluate import evaluate, write_eval_reports
 
         t0 = time.time()
@@ -515,9 +473,7 @@ class Trainer:
                            class_names=self.train_index.class_names, amp_dtype=self.amp_dtype,
                            threshold=self.args.threshold, distributed=self.ctx.distributed)
         result = None
-        if self.ctx.is_main:
-            from mskd_fast.collapse import eval_signals
-
+        if self.ctx.is_main:  # the metrics hold every rank's rows (gathered by evaluate)
             result, _ = write_eval_reports(metrics, self.eval_index, self.args.img_size, self.out_dir,
                                            label=f"{self.args.method} epoch {epoch + 1}",
                                            threshold=self.args.threshold)
@@ -538,7 +494,8 @@ class Trainer:
         if reason == "nonfinite":
             self._say(f"error: {NONFINITE_LIMIT} consecutive steps had a non-finite loss or gradient and were "
                       f"skipped (epoch {self.epoch + 1}, step {self.step_in_epoch}); stopping. Recovery checkpoint: "
-                      f"{path}. Try a lower --lr, --clip-grad, --amp-dtype bfloat16, or check the data.")
+                      f"{path}. Try a lower --lr, --clip-grad, --amp-dtype bfloat16, or check the data; "
+                      f"continue with --resume {path} [--lr LR] [--clip-grad NORM]")
             return 1
         signame = signal.Signals(self.stop_signal).name if self.stop_signal else "stop request"
         self._say(f"{signame}: stopped after epoch {self.epoch + 1} step {self.step_in_epoch}; recovery checkpoint "
@@ -548,13 +505,7 @@ class Trainer:
     # ------------------------------------------------------------------ output
     def _say(self, msg: str) -> None:
         if self.ctx.is_main:
-            try:
-                from tqdm import tqdm
-
-                tqdm.write(msg)
-            except ImportError:  # pragma: no cover
-                print(msg, flush=True)
-            sys.stdout.flush()
+            say(msg)
 
     def _progress_bar(self, epoch: int, start: int):
         from tqdm import tqdm
@@ -562,103 +513,18 @@ class Trainer:
         return tqdm(total=self.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{self.args.epochs}",
                     unit="step", dynamic_ncols=True, leave=True, file=sys.stdout)
 
-    def _show_progress(self, bar, epoch: int, i: int, values: list[float], rate: float) -> None:
-        if not self.ctx.is_main:
-            return
-        means = dict(zip(TERMS, values[: len(TERMS)]))
-        shown = {"loss": means["loss"], "bce": means["bce"]}
-        if self.args.method == "mskd":
-            shown.update(lsd=means["lsd"], rsd=means["rsd"], ssd=means["ssd"])
-        text = " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" {rate:.1f} img/s"
-        if values[-1]:
-            text += f" skipped {int(values[-1])}"
-        if bar is not None:
-            bar.set_postfix_str(text, refresh=True)
-        else:
-            self._say(f"epoch {epoch + 1} step {i + 1}/{self.steps_per_epoch}: {text}")
 
-    def _print_header(self) -> None:
-        a = self.args
-        if not self.ctx.is_main:
-            return
-        lines = [
-            f"mskd_fast.train: {a.method} | {a.model} ({self.init_note}) | {a.dataset}, {self.num_classes} classes",
-            f"  train {self.train_index.summary()}",
-            f"  eval  {self.eval_index.summary()}",
-            f"  device {self.device} x{self.ctx.world_size} | loader {self.loader_backend} | img {a.img_size}px | "
-            f"batch {a.batch_size}/process | epochs {a.epochs} x {self.steps_per_epoch} steps | "
-            f"lr {a.lr} (backbone x{a.lr_backbone_mult}) {a.sched} warmup {a.warmup_epochs} | "
-            f"amp {self.amp_dtype and str(self.amp_dtype).removeprefix('torch.')} | compile {a.compile} | "
-            f"channels_last {a.channels_last}",
-        ]
-        if a.method == "mskd":
-            lines.append(f"  MSKD recipe {a.recipe}: MBD form {a.mbd_form}, R-SD teacher scale {a.rsd_teacher_scale} | "
-                         f"S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
-                         f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
-                         f"kappa={a.kappa} lambda={a.lam} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
-                         f"S-SD {not a.no_ssd} MBD {not a.no_mbd}")
-        for note in self.notes:
-            lines.append(f"  chosen: {note}")
-        if self.epoch or self.step_in_epoch:
-            lines.append(f"  resuming at epoch {self.epoch + 1} step {self.step_in_epoch} "
-                         f"(S-SD state {'restored' if self.step.q_prev is not None else 'absent'})")
-        lines.append(f"  output {self.out_dir}")
-        self._say("\n".join(lines))
-
-    def _final_summary(self) -> None:
-        if not self.ctx.is_main:
-            return
-        from mskd_fast.reports import format_table
-
-        rows = [[r["epoch"], r["loss"], r["bce"], r["lsd"], r["rsd"], r["ssd"], r["img_s"], r["mAP"], r["OF1"],
-                 r["CF1"], r["nonfinite_skipped"]] for r in self.history]
-        table = format_table(rows, ["epoch", "loss", "bce", "lsd", "rsd", "ssd", "img/s", "mAP", "OF1", "CF1",
-                                    "skipped"])
-        last = self.history[-1]
-        from mskd_fast.reports import format_metrics
-
-        best = (f"best mAP {self.best['mAP']:.2f} at epoch {self.best['epoch']}"
-                if self.best["epoch"] is not None else "no evaluation")
-        self._say(f"\n{table}\n\nfinal: {format_metrics(last)}\n{best} | wall time "
-                  f"{time.time() - self.t_start:.0f}s | outputs in {self.out_dir}")
-        collapsed = [r["epoch"] for r in self.history if r.get("collapse")]
-        if collapsed:
-            from mskd_fast.collapse import advice, collapse_reasons
-
-            now = collapse_reasons(last)
-            state = ("the final model: " + "; ".join(now)) if now else "the final epoch shows no sign, but check it"
-            self._say(f"WARNING: this run collapsed (signs at epoch{'s' if len(collapsed) > 1 else ''} "
-                      f"{', '.join(map(str, collapsed))}; {state}); its metrics describe a degenerate model. "
-                      f"{advice(self.args)}. See summary.csv (top1_mode_frac, max_abs_logit, bce_rise, collapse) "
-                      "and docs/TRAINING.md.")
+def _plain(obj):
+    """Tuples -> lists, recursively (for YAML's safe dumper)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------- entry point
 SETUP_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
-
-
-def _merge_resume_args(args: argparse.Namespace, explicit: set[str], blob: dict) -> argparse.Namespace:
-    saved = blob["args"]
-    conflicts = []
-    for key in sorted(explicit):
-        if key in RESUME_OVERRIDABLE or key not in saved:
-            continue
-        if getattr(args, key) != saved[key]:
-            conflicts.append(f"--{key.replace('_', '-')} {getattr(args, key)!r} (checkpoint: {saved[key]!r})")
-    if conflicts:
-        raise SetupError("--resume continues the checkpoint's run with its settings; these flags differ: "
-                         + "; ".join(conflicts) + " (only " + ", ".join(sorted(RESUME_OVERRIDABLE))
-                         + " may change)")
-    merged = argparse.Namespace(**saved)
-    if "recipe" not in saved:  # written before the recipes existed: those runs used the paper's equations
-        merged.recipe, merged.mbd_form, merged.rsd_teacher_scale = "paper", "paper", "none"
-    for key in RESUME_OVERRIDABLE:
-        if key in explicit or key == "resume":
-            setattr(merged, key, getattr(args, key))
-    for key, value in vars(args).items():  # flags added after the checkpoint was written
-        if not hasattr(merged, key):
-            setattr(merged, key, value)
-    return merged
 
 
 def main(argv=None) -> int:
@@ -668,11 +534,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv)
     try:
-        blob = None
+        resume = None
         if args.resume:
             blob = load_checkpoint(args.resume, require=("model", "optimizer", "scheduler", "step_state", "rng",
                                                          "args", "meta", "epoch", "history"))
-            args = _merge_resume_args(args, explicit, blob)
+            args, changes = merge_resume_args(args, explicit, blob)
+            resume = Resume(blob, args.resume, explicit, changes)
             notes = ["settings of the resumed run (args.yaml of the checkpoint)"]
             device = resolve_device(args.device)
         else:
@@ -684,7 +551,7 @@ def main(argv=None) -> int:
     ctx = init_distributed(args.device)
     try:
         try:
-            trainer = Trainer(args, ctx, notes, blob)
+            trainer = Trainer(args, ctx, notes, resume)
         except SETUP_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
