@@ -77,25 +77,34 @@ def render(data: dict, title: str = "Benchmark report") -> str:
     return "\n".join(lines) + "\n"
 
 
+def load(paths) -> dict:
+    """Merge pytest-benchmark JSON files into one dict (``benchmarks`` concatenated; the first file's machine
+    and commit info). Raises ``FileNotFoundError`` / ``ValueError`` (naming the file) for a missing or invalid file."""
+    data: dict = {"benchmarks": []}
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"benchmark JSON not found: {path}")
+        try:
+            part = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        for key in ("machine_info", "commit_info"):
+            data.setdefault(key, part.get(key, {}))
+        data["benchmarks"].extend(part.get("benchmarks", []))
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json_paths", type=Path, nargs="+", help="files written by pytest --benchmark-json")
     parser.add_argument("--title", default="Benchmark report")
     parser.add_argument("--versions", action="store_true", help="add torch/triton versions found in this process")
     args = parser.parse_args(argv)
-    data: dict = {"benchmarks": []}
-    for path in args.json_paths:
-        if not path.is_file():
-            print(f"error: benchmark JSON not found: {path}", file=sys.stderr)
-            return 2
-        try:
-            part = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            print(f"error: {path} is not valid JSON: {exc}", file=sys.stderr)
-            return 2
-        for key in ("machine_info", "commit_info"):
-            data.setdefault(key, part.get(key, {}))
-        data["benchmarks"].extend(part.get("benchmarks", []))
+    try:
+        data = load(args.json_paths)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.versions:
         import torch
 
