@@ -9,7 +9,10 @@ target, so a crash (or Ctrl-C) never leaves a half-written ``last.pt``.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
+import zipfile
 
 import numpy as np
 import torch
@@ -38,10 +41,17 @@ def load_checkpoint(path: str | os.PathLike, *, require=("model",)) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path) and not _legacy_torch_file(path):
+        raise ValueError(f"{path} is not a checkpoint: not a file written by torch.save (wrong file, truncated "
+                         "or corrupt)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False, which is not the fix here
+        raise ValueError(f"{path} is not an mskd-fast checkpoint: it holds Python objects other than tensors and "
+                         f"plain data, which are not loaded for safety ({_unpickler_reason(exc)})") from exc
     except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a torch file): {exc}") from exc
+        raise ValueError(f"cannot read checkpoint {path} (a torch.save file, but truncated or corrupt: "
+                         f"{type(exc).__name__}: {str(exc)[:200]})") from exc
     if not isinstance(blob, dict):
         raise ValueError(f"checkpoint {path} holds a {type(blob).__name__}, expected a dict")
     if blob.get("format") != FORMAT:
@@ -53,6 +63,19 @@ def load_checkpoint(path: str | os.PathLike, *, require=("model",)) -> dict:
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}")
     return blob
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The one line of torch's weights-only error that names what was refused (without its advice)."""
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\. |\.?$|\n)", str(exc))
+    return found.group(1).strip() if found else type(exc).__name__
+
+
+def _legacy_torch_file(path: str) -> bool:
+    """Whether ``path`` starts like torch's pre-1.6 (non-zip) serialisation: a pickle protocol 2+ header."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def capture_rng(box_generator: torch.Generator | None = None) -> dict:

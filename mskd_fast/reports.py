@@ -123,8 +123,13 @@ def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "")
 
 
 def format_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
-    """Plain-text table with right-aligned columns (for the terminal)."""
-    cells = [[str(h) for h in headers]] + [[_fmt_display(v) for v in row] for row in rows]
+    """Plain-text table with right-aligned columns (for the terminal).
+
+    Floats of one column share one number of decimals: 4 when every finite value is below 10 in magnitude,
+    else 2 (below 10000), else 0; NaN shows as ``-``.
+    """
+    decimals = [_column_decimals([row[i] for row in rows]) for i in range(len(headers))]
+    cells = [[str(h) for h in headers]] + [[_fmt_display(v, d) for v, d in zip(row, decimals)] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for n, row in enumerate(cells):
@@ -134,11 +139,17 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _fmt_display(value) -> str:
+def _column_decimals(values) -> int:
+    finite = [abs(v) for v in values if isinstance(v, float) and math.isfinite(v)]
+    largest = max(finite, default=0.0)
+    return 4 if largest < 10 else 2 if largest < 10000 else 0
+
+
+def _fmt_display(value, decimals: int = 4) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:.4f}" if abs(value) < 1 else f"{value:.2f}"
+        return f"{value:.{decimals}f}"
     return str(value)
 
 

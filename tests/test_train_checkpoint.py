@@ -1,5 +1,6 @@
 """mskd_fast.checkpoint: atomic writes, validated reads, RNG capture/restore."""
 
+import argparse
 import os
 import random
 import stat
@@ -44,8 +45,23 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "none.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="is not a checkpoint: not a file written by torch.save"):
         load_checkpoint(bad)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(ValueError, match="is not a checkpoint") as info:
+        load_checkpoint(noise)
+    assert "weights_only" not in str(info.value)  # torch's "retry with weights_only=False" advice is not shown
+    truncated = tmp_path / "truncated.pt"
+    atomic_save({"format": FORMAT, "model": {"w": torch.ones(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-200])
+    with pytest.raises(ValueError, match="not a checkpoint|truncated"):
+        load_checkpoint(truncated)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": FORMAT, "obj": argparse.Namespace(a=1)}, pickled)
+    with pytest.raises(ValueError, match="Python objects other than tensors") as info:
+        load_checkpoint(pickled)
+    assert "weights_only" not in str(info.value)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="--initial-checkpoint"):

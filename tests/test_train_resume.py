@@ -143,6 +143,7 @@ def test_one_skipped_step_keeps_the_epoch_mean_finite(cache, tmp_path, monkeypat
     for key in ("loss", "bce", "lsd"):
         assert rows[0][key] != "nan" and float(rows[0][key]) > 0, key
     assert "1 non-finite steps skipped (loss means over the 3 that counted)" in out
+    assert "| amp off |" in out  # the header said "amp None" without --amp
     table = out[out.index("epoch  "):out.index("final: ")]
     assert "nan" not in table.lower() and "-" not in table.splitlines()[2].split()
 
