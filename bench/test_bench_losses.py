@@ -1,20 +1,24 @@
-"""Fused Triton ops vs the PyTorch reference, forward + backward, on a CUDA GPU.
+"""Fused Triton ops vs the PyTorch reference, forward + backward (CUDA; CPU twins under the Triton interpreter).
 
-Groups ``losses-<op>-B<B>-S<S>-C<C>-<dtype>`` hold four entries measured in the same run:
+Groups ``losses-<op>-B<B>-S<S>-C<C>-<dtype>-<device>`` hold four entries measured in the same run:
 
 - ``eager``: the reference (``mskd_fast.reference``) in eager mode (the baseline),
-- ``compiled``: ``torch.compile`` of the same reference step,
+- ``compiled``: ``torch.compile(forward, fullgraph=True)`` of the same reference forward, the backward run
+  outside it by ``torch.autograd.grad`` (AOTAutograd compiles the backward graph; dynamo cannot trace
+  ``autograd.grad`` inside a fullgraph region),
 - ``fused``: the Triton ops of ``mskd_fast.kernels`` called eagerly,
-- ``fused-compiled``: ``torch.compile`` of the step calling the Triton ops (they decompose into
-  their kernels, so this shows the Python launch overhead removed).
+- ``fused-compiled``: the same fullgraph compile of the forward calling the Triton ops (they decompose into
+  their kernels on CUDA, so this shows the Python launch overhead removed).
 
 Shapes: the training shapes (B=64, S=4, C=20) and (B=128, S=4, C=80) for every op, and
 (B=4096, C=1000) for MBD. That group also has a ``memory-floor`` entry: a device-to-device copy
 moving exactly the bytes the fused MBD forward + backward must move (read student, teacher and
 targets, write the stored gradient; backward reads it and writes the input gradient), so
 ``fused / memory-floor`` is the distance to the bandwidth limit, measured in the same run.
-``graph`` (reconstruction) has no backward. All entries skip without a GPU; the CPU reference
-timings are in ``bench/test_bench_reference.py``.
+``graph`` (reconstruction) has no backward. Every entry has a CPU twin (same code on CPU tensors, the fused
+entries in the Triton interpreter, where the kernels are opaque custom ops inside compiled graphs) at
+(B=64, S=4, C=20) and (B=64, C=1000): CI runs them with ``--benchmark-disable``; their timings mean nothing
+(the interpreter), the CPU reference timings are in ``bench/test_bench_reference.py``.
 """
 
 import pytest
@@ -23,6 +27,8 @@ import torch
 from mskd_fast import reference as ref
 
 SHAPES = [(64, 4, 20), (128, 4, 80)]
+CPU_SHAPES = SHAPES[:1]  # the CPU twins (Triton interpreter for the fused entries) run at the smaller shape
+LARGE = {"cuda": (4096, 1000), "cpu": (64, 1000)}
 IMPLS = ["eager", "compiled", "fused", "fused-compiled"]
 
 
@@ -42,39 +48,55 @@ def _make(b, s, c, device, dtype=torch.float32):
     return q, t, y, r, o
 
 
-def _mbd_step(lib):
-    def step(q, t, y, r, o):
-        (g,) = torch.autograd.grad(lib.mbd_loss(q, t, y), q)
-        return g
+def _mbd_forward(lib):
+    def forward(q, t, y, r, o):
+        return lib.mbd_loss(q, t, y)
 
-    return step
-
-
-def _relation_step(lib):
-    def step(q, t, y, r, o):
-        (g,) = torch.autograd.grad(lib.relation_loss(r, o), r)
-        return g
-
-    return step
+    return forward
 
 
-def _graph_step(lib):
-    def step(q, t, y, r, o):
+def _relation_forward(lib):
+    def forward(q, t, y, r, o):
+        return lib.relation_loss(r, o)
+
+    return forward
+
+
+def _graph_forward(lib):
+    def forward(q, t, y, r, o):
         return lib.reconstruct_logits(o, q.detach(), y)
 
-    return step
+    return forward
 
 
-OPS = {"mbd": _mbd_step, "relation": _relation_step, "graph": _graph_step}
+OPS = {"mbd": _mbd_forward, "relation": _relation_forward, "graph": _graph_forward}
+GRAD_OF = {"mbd": 0, "relation": 3}  # the argument each op's loss is differentiated by (graph: no backward)
 
 
-def _step(op, impl):
+def forward_fn(op, impl):
+    """The forward of ``op`` for ``impl``; the compiled ones are ``torch.compile(forward, fullgraph=True)``."""
     lib = ref if impl in ("eager", "compiled") else _kernels()
     fn = OPS[op](lib)
     if impl.endswith("compiled"):
-        torch._dynamo.reset()
         fn = torch.compile(fn, fullgraph=True)
     return fn
+
+
+def _step(op, impl):
+    """Forward + backward of ``op``: the (possibly compiled) forward, then ``autograd.grad`` outside it (the
+    compiled forward's backward is AOTAutograd's compiled graph)."""
+    torch._dynamo.reset()
+    forward = forward_fn(op, impl)
+    index = GRAD_OF.get(op)
+
+    def step(*args):
+        out = forward(*args)
+        if index is None:
+            return out
+        (grad,) = torch.autograd.grad(out, args[index])
+        return grad
+
+    return step
 
 
 def _check(out):
@@ -82,14 +104,15 @@ def _check(out):
     assert all(torch.isfinite(x).all() for x in flat)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-S{}-C{}".format(*s))
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_losses_training_shapes(benchmark, bench_run, cuda_device, shape, op, impl):
+def test_losses_training_shapes(benchmark, bench_run, device, shape, op, impl):
+    if device.type == "cpu" and shape not in CPU_SHAPES:
+        pytest.skip("CPU twin runs at the smaller training shape only")
     b, s, c = shape
-    benchmark.group = f"losses-{op}-B{b}-S{s}-C{c}-float32"
-    out = bench_run(benchmark, _step(op, impl), *_make(b, s, c, cuda_device), device=cuda_device, impl=impl,
+    benchmark.group = f"losses-{op}-B{b}-S{s}-C{c}-float32-{device.type}"
+    out = bench_run(benchmark, _step(op, impl), *_make(b, s, c, device), device=device, impl=impl,
                     baseline=impl == "eager")
     _check(out)
 
@@ -102,18 +125,17 @@ def _mbd_bytes(b, c, dtype) -> int:
     return forward + backward
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("impl", IMPLS + ["memory-floor"])
-def test_mbd_large(benchmark, bench_run, cuda_device, dtype, impl):
-    b, c = 4096, 1000
+def test_mbd_large(benchmark, bench_run, device, dtype, impl):
+    b, c = LARGE[device.type]
     nbytes = _mbd_bytes(b, c, dtype)
-    benchmark.group = f"losses-mbd-B{b}-C{c}-{str(dtype).removeprefix('torch.')}"
+    benchmark.group = f"losses-mbd-B{b}-C{c}-{str(dtype).removeprefix('torch.')}-{device.type}"
     if impl == "memory-floor":
-        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=cuda_device)
+        src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
-        bench_run(benchmark, dst.copy_, src, device=cuda_device, impl=impl, bytes_moved=nbytes)
+        bench_run(benchmark, dst.copy_, src, device=device, impl=impl, bytes_moved=nbytes)
         return
-    out = bench_run(benchmark, _step("mbd", impl), *_make(b, 1, c, cuda_device, dtype), device=cuda_device,
+    out = bench_run(benchmark, _step("mbd", impl), *_make(b, 1, c, device, dtype), device=device,
                     impl=impl, baseline=impl == "eager", bytes_moved=nbytes)
     _check(out)
