@@ -6,7 +6,10 @@ Per batch ``x (B,3,H,W)``, ``y (B,C)``:
 2. ``P = crop_resize(x, boxes, (H,W))`` (image-major rows ``i*S+s``);
 3. one no-grad forward of the *teacher* (the current parameters in eval behaviour, see
    ``mskd_fast.models.eval_twin``: no BN statistic update) on ``[P ; x_next]``: the first ``B*S`` rows
-   give ``o (B,S,C)``, the last ``B`` rows give the S-SD logits of the *next* batch (look-ahead);
+   give ``o (B,S,C)``, the last ``B`` rows give the S-SD logits of the *next* batch (look-ahead). With a
+   batch-statistics teacher (``StepConfig.teacher_batch_stats``, the trainer's ``--teacher-bn batch``) the
+   crops and ``x_next`` are two forwards, so that each is normalised with its own batch statistics
+   (one forward would normalise ``q_prev`` with the statistics of ``B*S`` crops plus ``B`` images);
 4. one student forward ``(q, r) = model(x, boxes)`` (``r`` by ``roi_pool`` on the same feature map);
 5. ``MSKDLoss(q, r, o, q_prev, y)``; backward; gradient-norm clipping; optimizer step; LR schedule.
 
@@ -115,6 +118,7 @@ class StepConfig:
     clip_grad: float | None = 10.0
     amp_dtype: torch.dtype | None = torch.bfloat16
     channels_last: bool = True
+    teacher_batch_stats: bool = False  # teacher BN uses batch statistics: crops and look-ahead forwarded apart
 
     def __post_init__(self):
         if self.method not in ("mskd", "vanilla"):
@@ -269,12 +273,16 @@ class TrainStep:
             o = q_next = None
             if teacher_in:
                 with torch.no_grad():
-                    stacked = teacher_in[0] if len(teacher_in) == 1 else torch.cat(teacher_in, dim=0)
-                    teacher_logits = self.teacher(stacked)
+                    if cfg.teacher_batch_stats or len(teacher_in) == 1:
+                        # a batch-statistics teacher normalises each part with its own statistics
+                        parts = [self.teacher(t) for t in teacher_in]
+                    else:
+                        stacked = self.teacher(torch.cat(teacher_in, dim=0))
+                        parts = list(stacked.split([t.shape[0] for t in teacher_in], dim=0))
                 if boxes is not None:
-                    o = teacher_logits[: batch * cfg.crops].view(batch, cfg.crops, -1)
+                    o = parts[0].view(batch, cfg.crops, -1)
                 if next_images is not None:
-                    q_next = teacher_logits[teacher_logits.shape[0] - next_images.shape[0]:]
+                    q_next = parts[-1]
             if boxes is not None:
                 q, r = self.model(images, boxes)
             else:

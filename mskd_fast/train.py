@@ -201,7 +201,7 @@ class Trainer:
                            backend=args.loss_backend, **use)
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
-                            channels_last=args.channels_last, **use)
+                            channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
         self.optimizer = build_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                          backbone_lr_mult=args.lr_backbone_mult)
         self.total_steps = self.steps_per_epoch * args.epochs

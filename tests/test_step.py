@@ -105,7 +105,9 @@ def test_step_terms_equal_mskdloss_on_the_same_tensors():
         torch.testing.assert_close(terms[key], ref_terms[key], rtol=1e-5, atol=1e-6)
         assert terms[key] != 0
     torch.testing.assert_close(q_next, q_next_ref, rtol=1e-5, atol=1e-6)
-    manual = ref_terms["bce"] + 1.5 * ref_terms["lsd"] + 2.0 * ref_terms["rsd"] + 2.0 * ref_terms["ssd"]
+    w = step.loss_fn  # the default recipe's weights (stable: iota 0.15, kappa 2, lambda 2)
+    assert w.iota > 0 and w.kappa > 0 and w.lam > 0
+    manual = ref_terms["bce"] + w.iota * ref_terms["lsd"] + w.kappa * ref_terms["rsd"] + w.lam * ref_terms["ssd"]
     torch.testing.assert_close(total.detach(), manual, rtol=1e-5, atol=1e-6)
 
 
@@ -384,3 +386,41 @@ def test_compiled_region_is_traced_once_per_run():
     step(x1, y1, x2)
     step(x2, y2, None)  # last step of training
     assert len(graphs) == 1
+
+
+# ------------------------------------------------------------------------------ --teacher-bn batch
+@pytest.mark.parametrize("separate", [True, False], ids=["own_statistics", "joint_forward"])
+def test_batch_statistics_teacher_normalises_crops_and_look_ahead_apart(separate):
+    from mskd_fast.models import batch_stat_twin
+
+    torch.manual_seed(3)
+    model, _ = create_model("resnet10t", C, **TINY)
+    model = model.to(memory_format=torch.channels_last)
+    teacher = batch_stat_twin(model)
+    model.train()
+    loss = MSKDLoss()
+    config = StepConfig(amp_dtype=None, teacher_batch_stats=separate)
+    step = TrainStep(model, teacher, loss, build_optimizer(model, 0.05), None, config, torch.Generator().manual_seed(1))
+    x, y = _batch(seed=1)
+    x_next, _ = _batch(seed=2)
+    x_next = x_next * 3 + 1  # other statistics than the crops'
+    boxes = sample_boxes(x.shape[0], config.crops, 64, 64, "random", torch.Generator().manual_seed(5))
+    running = [b.clone() for b in model.buffers()]
+    _, _, q_next = step.forward_loss(x, y, boxes, x_next, None)
+    with torch.no_grad():
+        alone = teacher(x_next)  # a batch-statistics forward of the look-ahead images alone
+        crops = ops.crop_resize(x, boxes, (64, 64), channels_last=True)
+        joint = teacher(torch.cat([crops, x_next]))[-x_next.shape[0]:]
+    if separate:
+        torch.testing.assert_close(q_next, alone, rtol=1e-5, atol=1e-5)
+    else:  # what one forward of [crops; x_next] gives: statistics of both parts
+        torch.testing.assert_close(q_next, joint, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone, joint, rtol=1e-3, atol=1e-3)  # the confound is real at this input
+    # the student's train-mode forward updates running stats; the teacher forwards leave no trace of their own
+    student_only = copy.deepcopy(model)
+    for b, r in zip(student_only.buffers(), running):
+        b.copy_(r)
+    with torch.no_grad():
+        student_only(x, boxes)
+    for b, expected in zip(model.buffers(), student_only.buffers()):
+        torch.testing.assert_close(b, expected)
