@@ -15,8 +15,9 @@ Training runs two pipelines:
   conditional graph takes about a second, which is why it is not rebuilt per epoch.
 
 Evaluation runs one pipeline, built once: ``readers.file(pad_last_batch=True)`` over the ids padded
-per shard with ``-1`` (``eval_order``) -> ``decoders.image`` -> ``resize`` -> ``crop_mirror_normalize``,
-iterated with ``LastBatchPolicy.PARTIAL``.
+per shard with ``-1`` (``eval_order``) -> ``decoders.image`` -> ``resize`` (float output, no uint8
+rounding; the torch loader computes the same pixels, :mod:`mskd_fast.data.resize`) ->
+``crop_mirror_normalize``, iterated with ``LastBatchPolicy.PARTIAL``.
 
 In both cases the reader's ``shard_id``/``num_shards`` cut the global list into the same equal
 contiguous chunks the torch loader reads, so both loaders visit the same samples in the same
@@ -179,7 +180,8 @@ def eval_pipeline(options: LoaderOptions, decode_device: str, files: list[str]):
     def graph():
         encoded, positions = _reader(files, list(range(len(files))), o)
         images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-        images = fn.resize(images, resize_x=o.img_size, resize_y=o.img_size, antialias=True)
+        # float output, no rounding to uint8: the torch loader reproduces exactly this (data/resize.py)
+        images = fn.resize(images, resize_x=o.img_size, resize_y=o.img_size, antialias=True, dtype=types.FLOAT)
         return _normalize(images, o, 0), positions
 
     pipe = graph(

@@ -2,8 +2,10 @@
 
 Training transform (per image, uint8 CHW): ``RandomResizedCrop(img_size, scale=crop_scale,
 ratio=crop_ratio)``, ``RandomHorizontalFlip``, ``RandAugment(num_ops, magnitude, fill=128)``.
-Evaluation: ``Resize((img_size, img_size))``. Then ImageNet normalisation: in the workers when the
-output device is the CPU, else on the device after a uint8 transfer (4x fewer bytes to copy).
+Evaluation: resize to ``img_size x img_size`` in float with DALI's filter
+(:mod:`mskd_fast.data.resize`), so both loaders evaluate on the same pixels. Then ImageNet
+normalisation: in the workers when the output device is the CPU, else on the device (training
+batches cross as uint8, 4x fewer bytes to copy; evaluation batches as float 0..255).
 
 Sharding and order follow :mod:`mskd_fast.data.plan`, exactly as in the DALI loader: a batch
 sampler (in the main process) yields ``(sample index, sample id)`` pairs, so evaluation padding
@@ -30,6 +32,7 @@ from torchvision.transforms import v2
 from .base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderOptions
 from .index import DatasetIndex
 from .plan import eval_shard, train_shard
+from .resize import resize_image
 
 
 def build_transform(options: LoaderOptions, normalize: bool) -> v2.Compose:
@@ -42,11 +45,23 @@ def build_transform(options: LoaderOptions, normalize: bool) -> v2.Compose:
         ]
         if o.randaugment and o.randaugment_ops > 0:
             steps.append(v2.RandAugment(num_ops=o.randaugment_ops, magnitude=o.randaugment_magnitude, fill=128))
-    else:
-        steps = [v2.Resize((o.img_size, o.img_size), antialias=True)]
-    if normalize:
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if normalize:
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    else:  # float 0..255, the very pixels DALI's eval pipeline produces (mskd_fast.data.resize)
+        steps = [EvalResize(o.img_size)]
+        if normalize:
+            steps.append(v2.Normalize([255 * m for m in IMAGENET_MEAN], [255 * s for s in IMAGENET_STD]))
     return v2.Compose(steps)
+
+
+class EvalResize:
+    """``(C, H, W)`` uint8 -> ``(C, size, size)`` float32 in 0..255 with :func:`mskd_fast.data.resize.resize_image`."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return resize_image(image, self.size)
 
 
 class _ImageFiles(Dataset):
