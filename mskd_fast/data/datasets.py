@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .coco import read_coco
 from .index import DatasetIndex, check_on_bad_image
 from .manifest import read_manifest
@@ -11,8 +13,24 @@ from .synthetic import SYNTHETIC_CLASSES, SyntheticConfig, ensure_synthetic
 from .voc import VOC_DIFFICULT, read_voc
 
 DATASETS = ("synthetic", "voc", "coco", "mirflickr", "nuswide", "manifest")
+# The synthetic dataset's model-selection splits: ``val`` is the last 20% of ``train`` (by image
+# number), ``train-fit`` the rest; the two are disjoint and together are exactly ``train``.
+SYNTHETIC_SPLITS = ("train", "test", "train-fit", "val")
+SYNTHETIC_VAL_FRACTION = 0.2
 _TRAIN_SPLIT = {"voc": "trainval"}
 _EVAL_SPLIT: dict[str, str] = {}
+
+
+def _synthetic_carve(train: DatasetIndex, split: str) -> DatasetIndex:
+    """``train-fit`` or ``val`` of the synthetic dataset, carved from its ``train`` index (see SYNTHETIC_SPLITS)."""
+    n = len(train)
+    n_val = max(1, round(SYNTHETIC_VAL_FRACTION * n)) if n > 1 else 0
+    is_val = np.arange(n) >= n - n_val
+    if split == "val" and n_val == 0:
+        raise ValueError("synthetic split 'val' needs a train split of at least 2 images")
+    carved = train.subset(is_val if split == "val" else ~is_val)
+    carved.split = split
+    return carved
 
 
 def _check_dataset(dataset: str) -> None:
@@ -59,10 +77,13 @@ def load_index(
         config = synthetic or SyntheticConfig()
         if data_dir is not None:
             config = SyntheticConfig(**{**config.__dict__, "cache_dir": data_dir})
-        if split not in ("train", "test"):
-            raise ValueError(f"synthetic split must be 'train' or 'test', got {split!r}")
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"synthetic split must be one of {', '.join(SYNTHETIC_SPLITS)}, got {split!r}")
         root = ensure_synthetic(config)
-        return read_voc(root, split, classes=SYNTHETIC_CLASSES, name="synthetic", on_bad_image=on_bad_image)
+        if split in ("train", "test"):
+            return read_voc(root, split, classes=SYNTHETIC_CLASSES, name="synthetic", on_bad_image=on_bad_image)
+        return _synthetic_carve(read_voc(root, "train", classes=SYNTHETIC_CLASSES, name="synthetic",
+                                         on_bad_image=on_bad_image), split)
     if dataset == "voc":
         return read_voc(data_dir, split, difficult=voc_difficult, on_bad_image=on_bad_image)
     if dataset == "coco":
