@@ -23,7 +23,7 @@ import torch
 from mskd_fast.metrics import MultiLabelMetrics, per_scale_recall
 from mskd_fast.reports import METRIC_KEYS, format_metrics, format_table, write_per_class_ap, write_scale_recall
 
-__all__ = ["evaluate", "main", "write_eval_reports"]
+__all__ = ["evaluate", "main", "run_loader", "write_eval_reports"]
 
 
 @torch.no_grad()
@@ -77,6 +77,26 @@ def scalar_metrics(result: dict) -> dict:
     return {k: float(result[k]) for k in METRIC_KEYS}
 
 
+def run_loader(checkpoint_path: str, run_args: dict) -> str:
+    """The loader (``"dali"``, ``"torch"`` or ``"auto"``) the run of ``checkpoint_path`` trained with.
+
+    The checkpoint's ``args["loader"]`` when it is ``"dali"`` or ``"torch"``; for ``"auto"`` the backend
+    the trainer resolved, from ``args.yaml`` next to the checkpoint (``resolved: loader:``) when present.
+    """
+    loader = run_args.get("loader", "auto")
+    if loader != "auto":
+        return loader
+    try:
+        import yaml
+
+        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "args.yaml")) as fh:
+            resolved = (yaml.safe_load(fh) or {}).get("resolved", {}).get("loader", "")
+    except (OSError, ValueError, AttributeError, ImportError):
+        return "auto"
+    resolved = str(resolved)
+    return "torch" if resolved == "torch" else "dali" if resolved.startswith("dali") else "auto"
+
+
 def _json_safe(value):
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -102,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
             given = action.default is not None and action.dest != "dataset"
             other = f"; when --dataset is given: {action.default}" if given else ""
             action.help = f"{action.help} (default: the training run's{other})"
-    data.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto", help="data loader backend")
-    data.add_argument("-j", "--workers", type=int, default=2, help="loader workers / DALI threads")
+    data.add_argument("--loader", choices=("auto", "dali", "torch"), default=None,
+                      help="data loader backend (default: the one the training run used; both give the same "
+                           "evaluation pixels up to float rounding)")
+    data.add_argument("-j", "--workers", type=int, default=None,
+                      help="loader workers / DALI threads (default: the run's)")
     p.add_argument("-b", "--batch-size", type=int, default=None, help="eval batch size (default: the run's)")
     p.add_argument("--img-size", type=int, default=None, help="eval resolution (default: the run's)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -145,6 +168,10 @@ def main(argv=None) -> int:
         for key in ("batch_size", "img_size", "amp", "amp_dtype", "channels_last", "threshold"):
             if getattr(args, key) is None:
                 setattr(args, key, run_args[key])
+        if args.workers is None:
+            args.workers = run_args.get("workers", 2)
+        if args.loader is None:
+            args.loader = run_loader(args.checkpoint, run_args)
         if args.batch_size < 1 or args.img_size < 16 or not 0 < args.threshold < 1:
             raise ValueError("--batch-size must be >= 1, --img-size >= 16 and --threshold in (0, 1)")
         ctx = init_distributed(args.device)
@@ -171,6 +198,7 @@ def main(argv=None) -> int:
             loader = build_loader(index, train=False, batch_size=args.batch_size, img_size=args.img_size,
                                   loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
                                   num_shards=ctx.world_size, channels_last=args.channels_last, device=ctx.device)
+            backend = loader.backend
         except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -185,11 +213,12 @@ def main(argv=None) -> int:
             summary = {k: _json_safe(float(result[k])) for k in METRIC_KEYS}
             summary.update(num_samples=result["num_samples"], excluded_classes=list(result["excluded_classes"]),
                            checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
-                           epoch=ckpt.get("epoch"))
+                           epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
             from mskd_fast.reports import write_text
 
             write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
-            print(f"{index.summary()}\ncheckpoint {args.checkpoint} (epoch {ckpt.get('epoch')})")
+            print(f"{index.summary()}\ncheckpoint {args.checkpoint} (epoch {ckpt.get('epoch')}) | loader {backend} "
+                  f"| img {args.img_size}px")
             print(format_table([[k, float(result[k])] for k in METRIC_KEYS], ["metric", "%"]))
             if result["excluded_classes"]:
                 print(f"excluded from mAP (no positive): {result['excluded_classes']}")
