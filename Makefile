@@ -22,16 +22,25 @@ help:
 	@echo "make bench   - run the benchmark suite (pytest bench/ --benchmark-only)"
 	@echo "make lint    - ruff check"
 
+# Each install step is skipped when its stamp in $(VENV) matches (scripts/install_stamp.py: a hash of
+# csrc/, setup.py, pyproject.toml, constraints.txt, the torch version and the build switches) and the
+# compiled extension loads; a fresh venv, a changed source or a deleted .so (make clean, CI) reinstalls.
+STAMP       := $(PY) scripts/install_stamp.py --venv $(VENV)
+
 venv:
 	@test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
-	$(PIP) install $(PIP_FLAGS) --upgrade pip "setuptools>=77" wheel ninja
-	$(PIP) install $(PIP_FLAGS) $(CONSTRAINTS) torch torchvision
+	@if $(STAMP) check venv; then echo "venv: up to date (constraints.txt unchanged)"; else \
+	  $(PIP) install $(PIP_FLAGS) --upgrade pip "setuptools>=77" wheel ninja && \
+	  $(PIP) install $(PIP_FLAGS) $(CONSTRAINTS) torch torchvision && \
+	  $(STAMP) write venv; fi
 
 install: venv
-	$(PIP) install $(PIP_FLAGS) --no-build-isolation $(CONSTRAINTS) -e '.[dali]'
+	@if $(STAMP) check dali dali-dev; then echo "mskd-fast: up to date, extension not rebuilt (make clean forces it)"; \
+	else $(PIP) install $(PIP_FLAGS) --no-build-isolation $(CONSTRAINTS) -e '.[dali]' && $(STAMP) write dali; fi
 
 install-dev: venv
-	$(PIP) install $(PIP_FLAGS) --no-build-isolation $(CONSTRAINTS) -e '.[dali,dev]'
+	@if $(STAMP) check dali-dev; then echo "mskd-fast[dev]: up to date, extension not rebuilt (make clean forces it)"; \
+	else $(PIP) install $(PIP_FLAGS) --no-build-isolation $(CONSTRAINTS) -e '.[dali,dev]' && $(STAMP) write dali-dev; fi
 
 train: install
 	$(PY) -m mskd_fast.train --amp
@@ -47,4 +56,4 @@ lint: install-dev
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf build *.egg-info mskd_fast/_C*.so .pytest_cache .benchmarks
+	rm -rf build *.egg-info mskd_fast/_C*.so .pytest_cache .benchmarks $(VENV)/.mskd-fast-*.stamp
