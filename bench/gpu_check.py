@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -172,7 +173,7 @@ class Check:
         """Run ``step.cmd`` with its limit cut to the remaining budget (minus the report's reserve)."""
         self.steps.append(step)
         limit = min(step.limit, self.remaining() - self.args.reserve)
-        log = self.work / f"{len(self.steps):02d}_{step.name.replace(' ', '_')}.log"
+        log = self.work / f"{len(self.steps):02d}_{_slug(step.name)}.log"
         step.log = log.name
         if limit < min_seconds:
             step.status = "skipped"
@@ -207,7 +208,7 @@ class Check:
 
     def pytest(self, name: str, phase: int, targets: list[str], extra: list[str], *, limit: float,
                per_test: float, parallel: bool = False, bench_json: bool = False) -> Step:
-        junit = self.work / f"{name.replace(' ', '_')}.xml"
+        junit = self.work / f"{_slug(name)}.xml"
         cmd = [self.python, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", "-rfE",
                f"--junitxml={junit}", *extra]
         if self.versions.get("pytest_timeout", "missing").startswith("missing"):
@@ -219,7 +220,7 @@ class Check:
             cmd += ["-n", str(self.args.workers)]
         step = Step(name, phase, cmd, limit=limit, note=note)
         if bench_json:
-            step.json_path = self.work / f"{name.replace(' ', '_')}.json"
+            step.json_path = self.work / f"{_slug(name)}.json"
             cmd.append(f"--benchmark-json={step.json_path}")
         self.run(step)
         _read_junit(step, junit)
@@ -390,6 +391,10 @@ class Check:
             return text[2:] if text and text[0].startswith("## ") else text
         except Exception as exc:  # the summary must be written whatever the JSON holds
             return [f"bench/report.py failed on {[p.name for p in jsons]}: {exc!r}"]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -74,7 +74,46 @@ def render(data: dict, title: str = "Benchmark report") -> str:
                 f"| {group} | {name}{mark} | {_fmt_time(stats['mean'])} | {_fmt_time(stats['median'])} | "
                 f"{ratio:.2f}x | {'' if mem is None else f'{mem:.0f}'} |"
             )
+    lines += step_comparison(groups)
     return "\n".join(lines) + "\n"
+
+
+def _entry_kind(bench: dict) -> str | None:
+    return bench.get("extra_info", {}).get("kind")
+
+
+def step_comparison(groups: dict[str, list[dict]]) -> list[str]:
+    """For every trainer-step group (``step-*``): the MSKD step against the floor, vanilla and the plain-PyTorch
+    MSKD step, as mean-time ratios, and peak memory against vanilla (CUDA). Goals (ResNet-34 on a GPU): MSKD
+    <= 1.15x the floor, plain / MSKD >= 1.3, peak memory <= 1.3x vanilla."""
+    rows = []
+    for group in sorted(g for g in groups if g.startswith("step-")):
+        kinds = {_entry_kind(b): b for b in groups[group]}
+        mskd = kinds.get("mskd")
+        if mskd is None:
+            continue
+
+        def ratio(num, den):
+            return f"{num['stats']['mean'] / den['stats']['mean']:.2f}x" if num and den else "n/a"
+
+        def mem(num, den):
+            a, b = (x.get("extra_info", {}).get("peak_mem_mb") if x else None for x in (num, den))
+            return f"{a / b:.2f}x" if a and b else "n/a"
+
+        floor, vanilla, plain = kinds.get("floor"), kinds.get("vanilla"), kinds.get("plain")
+        rows.append(f"| {group} | {ratio(mskd, floor)} | {ratio(mskd, vanilla)} | {ratio(plain, mskd)} | "
+                    f"{mem(mskd, vanilla)} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Trainer step (mean-time ratios of the same run; goals for the compiled ResNet-34 GPU step in brackets):",
+        "",
+        "| group | MSKD / floor (<= 1.15x) | MSKD / vanilla | plain PyTorch / MSKD (>= 1.3x) | "
+        "peak mem MSKD / vanilla (<= 1.3x) |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def load(paths) -> dict:
