@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from .. import reference
+from .._validation import check_bool, check_tensor
 
 __all__ = ["crop_resize", "roi_pool", "extension_status"]
 
@@ -185,14 +186,8 @@ if _STATUS["available"]:
 # ------------------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, value) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    return value
-
-
 def _check_map(name: str, value, dtypes, layout: str) -> None:
-    _check_tensor(name, value)
+    check_tensor(name, value)
     if value.dtype not in dtypes:
         names = "/".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must have dtype {names}, got {value.dtype}")
@@ -203,7 +198,7 @@ def _check_map(name: str, value, dtypes, layout: str) -> None:
 
 
 def _check_boxes(boxes, ref_name: str, ref: torch.Tensor) -> None:
-    _check_tensor("boxes", boxes)
+    check_tensor("boxes", boxes)
     if not boxes.is_floating_point():
         raise TypeError(f"boxes must be a floating tensor of (x1, y1, x2, y2), got {boxes.dtype}")
     if boxes.dim() != 3 or boxes.shape[2] != 4:
@@ -332,8 +327,7 @@ def crop_resize(
         out_dtype = images.dtype if images.is_floating_point() else torch.float32
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating dtype (float16/bfloat16/float32/float64), got {out_dtype!r}")
-    if not isinstance(channels_last, bool):
-        raise TypeError(f"channels_last must be a bool, got {type(channels_last).__name__}")
+    check_bool("channels_last", channels_last)
     channels = images.shape[1]
     mean_t = _channel_values("mean", mean, channels, images.device)
     std_t = _channel_values("std", std, channels, images.device)
