@@ -5,6 +5,7 @@ import argparse
 import pytest
 import torch
 
+from mskd_fast.losses import resolve_recipe
 from mskd_fast.train import main
 from mskd_fast.train_args import DEMO_CPU, build_parser, explicit_flags, resolve_defaults, validate
 
@@ -41,7 +42,11 @@ def test_spec_defaults_for_real_datasets():
     assert (args.momentum, args.weight_decay, args.clip_grad, args.sched) == (0.9, 5e-4, 10.0, "cosine")
     assert (args.crops, args.crop_mode, args.temperature, args.omega) == (4, "random", 4.0, 0.5)
     assert (args.gamma_pos, args.gamma_neg, args.gp_layers) == (0.25, 1.0, 2)
-    assert (args.iota, args.kappa, args.lam, args.method) == (1.5, 2.0, 2.0, "mskd")
+    assert (args.kappa, args.lam, args.method, args.recipe) == (2.0, 2.0, "mskd", "stable")
+    assert (args.iota, args.mbd_form, args.rsd_teacher_scale) == (
+        resolve_recipe("stable")["iota"], "divergence", "match")
+    paper, _ = _resolved(["--dataset", "voc", "--recipe", "paper"])
+    assert (paper.iota, paper.mbd_form, paper.rsd_teacher_scale) == (1.5, "paper", "none")  # SPEC 6 as written
     assert not (args.no_lsd or args.no_rsd or args.no_ssd or args.no_mbd)
     assert args.lr_backbone_mult == 1.0 and args.compile is False and args.channels_last
     coco, _ = _resolved(["--dataset", "coco"])

@@ -182,6 +182,9 @@ def test_ddp_two_processes_gloo_matches_single_process_evaluation(cache, tmp_pat
     run = tmp_path / "ddp"
     rows = _rows(run)
     assert rows[-1]["eval_samples"] == "24"  # every eval sample exactly once over both shards
+    # the collapse guard reads the same gathered eval logits (rank 0 reports it once)
+    assert rows[-1]["collapse"] in ("0", "1") and 1 <= int(rows[-1]["top1_classes"]) <= 20
+    assert 0 < float(rows[-1]["top1_mode_frac"]) <= 1 and float(rows[-1]["max_abs_logit"]) > 0
     assert proc.stdout.count("final: mAP") == 1  # only rank 0 reports
     assert evaluate_main(["--checkpoint", str(run / "last.pt"), "--loader", "torch", "-j", "0",
                           "--device", "cpu"]) == 0
