@@ -43,15 +43,21 @@ def test_spec_vectors(case_index):
         ref.reformulated_softmax(student, y, temperature=2.0), _t(case, "reformulated_softmax_T2(student)"),
         rtol=1e-12, atol=1e-14,
     )
-    loss = ref.mbd_loss(student, teacher, y)
-    (grad,) = torch.autograd.grad(loss, student)
-    assert loss.item() == pytest.approx(case["mbd_loss(student, teacher, targets)"], rel=1e-12, abs=1e-14)
-    torch.testing.assert_close(grad, _t(case, "d_student"), rtol=1e-10, atol=1e-14)
-
-    loss = ref.mbd_loss(student, teacher, y, weight_grad=True)
-    (grad,) = torch.autograd.grad(loss, student)
-    assert loss.item() == pytest.approx(case["mbd_loss(..., weight_grad=True)"], rel=1e-12, abs=1e-14)
-    torch.testing.assert_close(grad, _t(case, "d_student_weight_grad"), rtol=1e-10, atol=1e-14)
+    # Keys that name no form are the paper form; the divergence keys are SPEC 2's default.
+    mbd_keys = [
+        ("paper", False, "mbd_loss(student, teacher, targets)", "d_student"),
+        ("paper", True, "mbd_loss(..., weight_grad=True)", "d_student_weight_grad"),
+        ("divergence", False, "mbd_loss(..., form='divergence')", "d_student_divergence"),
+        ("divergence", True, "mbd_loss(..., form='divergence', weight_grad=True)",
+         "d_student_divergence_weight_grad"),
+    ]
+    for form, weight_grad, value_key, grad_key in mbd_keys:
+        loss = ref.mbd_loss(student, teacher, y, weight_grad=weight_grad, form=form)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert loss.item() == pytest.approx(case[value_key], rel=1e-12, abs=1e-14), value_key
+        torch.testing.assert_close(grad, _t(case, grad_key), rtol=1e-10, atol=1e-14, msg=grad_key)
+    assert ref.mbd_loss(student, teacher, y).item() == pytest.approx(case["mbd_loss(..., form='divergence')"],
+                                                                     rel=1e-12)  # the default form
 
     r = _t(case, "r").requires_grad_()
     loss = ref.relation_loss(r, _t(case, "o"))
@@ -62,21 +68,30 @@ def test_spec_vectors(case_index):
     assert int(ref.default_k(y, case["S"])) == case["k_default"]
     z = ref.reconstruct_logits(_t(case, "o"), _t(case, "q"), y, layers=2)
     torch.testing.assert_close(z, _t(case, "reconstruct_logits(o, q, targets, layers=2)"), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ref.match_logit_scale(z, _t(case, "q")),
+                               _t(case, "match_logit_scale(reconstruct_logits(o, q, targets), q)"),
+                               rtol=1e-12, atol=1e-13)
 
 
 # --- float64 gradcheck ----------------------------------------------------------------------------
 
+FORMS = ["divergence", "paper"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck_mbd_weight_grad(reduction):
+def test_gradcheck_mbd_weight_grad(reduction, form):
     b, c = 4, 6
     y = _random_targets(b, c)
     s = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
     t = torch.randn(b, c, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda s: ref.mbd_loss(s, t, y, weight_grad=True, reduction=reduction), (s,))
+    assert torch.autograd.gradcheck(
+        lambda s: ref.mbd_loss(s, t, y, weight_grad=True, reduction=reduction, form=form), (s,))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gradcheck_mbd_constant_weights(reduction):
+def test_gradcheck_mbd_constant_weights(reduction, form):
     """weight_grad=False: the gradient is that of the loss with the weights frozen at the current point."""
     b, c, temp = 4, 6, 4.0
     y = _random_targets(b, c)
@@ -88,16 +103,17 @@ def test_gradcheck_mbd_constant_weights(reduction):
     w0 = ref._mbd_weights(p, q0, y > 0.5, 0.5, 0.25, 1.0, weight_grad=False)
 
     def frozen(s):
-        per_row = (w0 * p * (lp - ref.log_reformulated_softmax(s / temp, y))).sum(-1)
-        return temp**2 * ref._reduce(per_row, reduction)
+        lq = ref.log_reformulated_softmax(s / temp, y)
+        bracket = p * (lp - lq) + ((lq.exp() - p) if form == "divergence" else 0.0)
+        return temp**2 * ref._reduce((w0 * bracket).sum(-1), reduction)
 
     s = s0.clone().requires_grad_()
     assert torch.autograd.gradcheck(frozen, (s,))
     upstream = torch.randn(b, dtype=torch.float64) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
-    (auto,) = torch.autograd.grad(ref.mbd_loss(s, t, y, reduction=reduction), s, upstream)
+    (auto,) = torch.autograd.grad(ref.mbd_loss(s, t, y, reduction=reduction, form=form), s, upstream)
     (expected,) = torch.autograd.grad(frozen(s), s, upstream)
     torch.testing.assert_close(auto, expected)
-    torch.testing.assert_close(ref.mbd_loss(s0, t, y, reduction=reduction), frozen(s0))
+    torch.testing.assert_close(ref.mbd_loss(s0, t, y, reduction=reduction, form=form), frozen(s0))
 
 
 def test_gradcheck_reformulated_softmax_and_kd():
@@ -166,11 +182,12 @@ def test_rs_edge_rows():
     assert torch.equal(grad[1], torch.zeros(6, dtype=torch.float64))
 
 
-def test_mbd_all_positive_rows_have_zero_gradient_and_teacher_none():
+@pytest.mark.parametrize("form", FORMS)
+def test_mbd_all_positive_rows_have_zero_gradient_and_teacher_none(form):
     y = _random_targets(6, 9)
     s = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
     t = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
-    loss = ref.mbd_loss(s, t, y)
+    loss = ref.mbd_loss(s, t, y, form=form)
     loss.backward()
     assert t.grad is None
     assert torch.equal(s.grad[1], torch.zeros(9, dtype=torch.float64))
@@ -184,17 +201,72 @@ def test_mbd_no_positive_rows_use_softmax():
     p, q = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
     w = (0.5 * p - q).abs()
     expected = temp**2 * (w * p * (p.log() - q.log())).sum(-1).mean()
-    torch.testing.assert_close(ref.mbd_loss(s, t, y), expected)
+    torch.testing.assert_close(ref.mbd_loss(s, t, y, form="paper"), expected)
+    expected = temp**2 * (w * (p * (p.log() - q.log()) - p + q)).sum(-1).mean()
+    torch.testing.assert_close(ref.mbd_loss(s, t, y, form="divergence"), expected)
 
 
-def test_mbd_matches_analytic_gradient_from_spec():
-    """SPEC 2's closed-form student gradient (weights constant) equals autograd."""
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_mbd_divergence_has_zero_gradient_at_the_teacher(weight_grad, scale):
+    """SPEC 2: the divergence form is minimal at student == teacher (gradient exactly 0 up to float64 rounding),
+    on random rows including rows without a positive and rows where every class is positive; the paper form is
+    not (its gradient there is the documented cause of the self-distillation collapse)."""
+    torch.manual_seed(int(scale) + 7 * weight_grad)
+    y = _random_targets(12, 11)
+    s = (torch.randn(12, 11, dtype=torch.float64) * scale).requires_grad_()
+    (grad,) = torch.autograd.grad(ref.mbd_loss(s, s.detach(), y, weight_grad=weight_grad, form="divergence"), s)
+    assert grad.abs().max().item() < 1e-15
+    (grad_paper,) = torch.autograd.grad(ref.mbd_loss(s, s.detach(), y, weight_grad=weight_grad, form="paper"), s)
+    assert grad_paper[2:].abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_mbd_divergence_is_nonnegative_and_zero_only_at_the_teacher(weight_grad):
+    torch.manual_seed(3)
+    y = _random_targets(64, 13)
+    for scale in (0.1, 1.0, 30.0):
+        s = torch.randn(64, 13, dtype=torch.float64) * scale
+        t = torch.randn(64, 13, dtype=torch.float64) * scale
+        per_row = ref.mbd_loss(s, t, y, weight_grad=weight_grad, form="divergence", reduction="none")
+        assert (per_row >= -1e-15).all()
+        assert (per_row[2:] > 0).all()  # rows with both kinds of labels differ from their teacher
+        assert ref.mbd_loss(t, t, y, weight_grad=weight_grad, reduction="none").abs().max().item() < 1e-14
+    paper = ref.mbd_loss(torch.randn(64, 13, dtype=torch.float64), torch.randn(64, 13, dtype=torch.float64), y,
+                         form="paper", reduction="none")
+    assert (paper < 0).any()  # the paper form is no divergence (SPEC 2)
+
+
+def test_mbd_rejects_unknown_form():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="form must be"):
+        ref.mbd_loss(x, x, torch.zeros(2, 3), form="kl")
+
+
+def test_match_logit_scale_takes_the_student_spread():
+    torch.manual_seed(5)
+    z = torch.randn(6, 9, dtype=torch.float64) * 3 + 2
+    q = torch.randn(6, 9, dtype=torch.float64) * 0.5 - 1
+    m = ref.match_logit_scale(z, q)
+    torch.testing.assert_close(m.mean(-1), z.mean(-1))  # keeps the teacher's row mean
+    torch.testing.assert_close(m.std(-1, correction=0), q.std(-1, correction=0))  # takes the student's spread
+    torch.testing.assert_close((m - m.mean(-1, keepdim=True)) / m.std(-1, keepdim=True),
+                               (z - z.mean(-1, keepdim=True)) / z.std(-1, keepdim=True))  # same shape
+    const = torch.full((2, 5), 4.0, dtype=torch.float64)  # std 0: unchanged (the floor avoids 0/0)
+    torch.testing.assert_close(ref.match_logit_scale(const, q[:2, :5]), const)
+    zg = z.clone().requires_grad_()
+    assert not ref.match_logit_scale(zg, q).requires_grad
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_mbd_matches_analytic_gradient_from_spec(form):
+    """SPEC 2's closed-form student gradient (weights constant) equals autograd, for both forms."""
     b, c, temp = 5, 8, 4.0
     y = _random_targets(b, c)
     y[0, 0] = 1  # keep every row "mixed" except the all-positive one
     s = torch.randn(b, c, dtype=torch.float64, requires_grad=True)
     t = torch.randn(b, c, dtype=torch.float64)
-    loss = ref.mbd_loss(s, t, y, temperature=temp)
+    loss = ref.mbd_loss(s, t, y, temperature=temp, form=form)
     (auto,) = torch.autograd.grad(loss, s)
     x = s.detach() / temp
     lp = ref.log_reformulated_softmax(t / temp, y)
@@ -203,7 +275,7 @@ def test_mbd_matches_analytic_gradient_from_spec():
     pos = y > 0.5
     gap = torch.where(pos, 0.5 + 0.5 * p - q, 0.5 * p - q).abs()
     w = torch.where(pos, gap**0.25, gap)
-    g = -w * p
+    g = w * (q - p) if form == "divergence" else -w * p
     for i in range(b):
         if pos[i].all():
             assert torch.equal(auto[i], torch.zeros(c, dtype=torch.float64))
