@@ -39,7 +39,7 @@ def _flag_blocks(text: str) -> dict:
 def test_each_flag_states_its_default_at_most_once(name, capsys):
     blocks = _flag_blocks(_help(name, capsys))
     assert len(blocks) > 15
-    for flag, block in blocks.items():
+    for block in blocks.values():
         assert "(default: None)" not in block, block
         assert "(default: {})" not in block, block
         assert len(re.findall(r"\bdefault\b", block, re.IGNORECASE)) <= 1, block
