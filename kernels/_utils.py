@@ -50,13 +50,46 @@ def register_op(name: str):
     return decorate
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    return torch._subclasses.fake_tensor.is_fake(t)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``wrap_triton(kernel)[grid](*args, **kwargs)``; a no-op on fake tensors under the interpreter."""
-    if _INTERPRETED and any(
-        isinstance(a, torch.Tensor) and torch._subclasses.fake_tensor.is_fake(a) for a in args
-    ):
+    """Launch ``kernel[grid](*args, **kwargs)`` on the device of its tensor arguments.
+
+    Compiled (GPU) Triton: through ``wrap_triton`` so that ``torch.compile`` captures the launch.
+    Under the interpreter the kernel is called directly (no-op on fake tensors): the op is opaque
+    there, and torch < 2.14's ``wrap_triton`` rejects the interpreter's kernel objects. On real
+    CUDA tensors the launch runs under ``torch.cuda.device(<their device>)`` (Triton otherwise
+    launches on the *current* device and stream, which need not be the tensors').
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if _INTERPRETED:
+        if any(_is_fake(t) for t in tensors):
+            return
+        kernel[grid](*args, **kwargs)
         return
-    wrap_triton(kernel)[grid](*args, **kwargs)
+    runner = wrap_triton(kernel)[grid]
+    device = launch_device(tensors)
+    if device is None:
+        runner(*args, **kwargs)
+    else:
+        with torch.cuda.device(device):
+            runner(*args, **kwargs)
+
+
+def launch_device(tensors) -> torch.device | None:
+    """The CUDA device to launch on for ``tensors``, or None (no real CUDA tensor: tracing, CPU).
+
+    Fake/functional tensors (``torch.compile`` tracing) get None: Inductor's generated code
+    guards the device itself. Mixed CUDA devices raise ``ValueError``.
+    """
+    devices = {t.device for t in tensors if t.is_cuda and not _is_fake(t)}
+    if not devices:
+        return None
+    if len(devices) > 1:
+        raise ValueError(f"kernel tensors must be on one CUDA device, got {sorted(str(d) for d in devices)}")
+    return next(iter(devices))
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

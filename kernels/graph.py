@@ -155,6 +155,19 @@ def _reconstruct_logits(
     return z
 
 
+def _k_tensor(k: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``k`` as an int64 tensor on ``device``, the kernel's input.
+
+    A ``k`` on another device (typically a CPU tensor with CUDA inputs) is copied with
+    ``non_blocking=True``: the copy is queued on the current stream and the host does not wait for
+    the GPU (a blocking copy would synchronise every call). ``k`` is only read by the kernel.
+    """
+    k = k.detach()
+    if k.device != device:
+        return k.to(device=device, dtype=torch.int64, non_blocking=True)
+    return k.to(dtype=torch.int64)
+
+
 def reconstruct_logits(
     patch_logits: torch.Tensor,
     logits: torch.Tensor,
@@ -171,6 +184,7 @@ def reconstruct_logits(
         targets: ``(B, C)`` 0/1 labels; the default ``k`` is ``S * #(targets > 0.5)``.
         layers: propagation steps (``>= 0``).
         k: ``+1`` labels over the batch (int or 0-dim integer tensor), clamped to ``[0, B*S*C]``.
+            A tensor on another device than the inputs (e.g. CPU) is copied without a host sync.
 
     Returns:
         ``z`` in ``patch_logits.dtype`` (float32 math), without gradient.
@@ -193,7 +207,7 @@ def reconstruct_logits(
     elif isinstance(k, torch.Tensor):
         if k.numel() != 1 or k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
             raise TypeError(f"k must be an int or a 0-dim integer tensor, got {k.dtype} of shape {tuple(k.shape)}")
-        mode, value, k_tensor = _K_TENSOR, 0, k.detach().to(device=patch_logits.device, dtype=torch.int64)
+        mode, value, k_tensor = _K_TENSOR, 0, _k_tensor(k, patch_logits.device)
     elif isinstance(k, int) and not isinstance(k, bool):
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")

@@ -34,8 +34,8 @@ __all__ = ["mbd_loss"]
 # (56 B, 140 B with weight_grad), none at 4096 with 16 warps; tests/test_kernel_codegen.py checks.
 _MAX_SINGLE_BLOCK = 4096
 _MULTI_BLOCK = 4096  # column block of the looping path
-_TILE = 2048  # target elements per program in the single-block path
-_ONE_PROGRAM_TILE = 4096  # a batch this small is reduced inside a single program
+_TILE = 1024  # elements per program in the single-block path (rows * BLOCK_C), for BLOCK_C <= _TILE
+_VALUES_PER_THREAD = 4  # tile elements per thread (see _launch_config)
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 FORMS = ("divergence", "paper")
 _WEIGHT_EPS = 1e-12
@@ -247,16 +247,27 @@ def _mbd_fwd_kernel(
 
 
 def _launch_config(b: int, c: int) -> tuple[int, int, bool, int]:
-    """``(ROWS, BLOCK_C, SINGLE, num_warps)`` for a ``(b, c)`` problem."""
+    """``(ROWS, BLOCK_C, SINGLE, num_warps)`` for a ``(b, c)`` problem; depends on ``c`` only.
+
+    Register budget (``ptxas -v``, sm_90): every row a thread holds costs about 20 registers of row
+    statistics, and Triton lays rows narrower than the CTA out one column per thread, so a thread
+    holds ``ROWS * BLOCK_C / (32 * num_warps)`` rows. At 8 per thread, 16 x 128 tiles spilled
+    (182 registers, 24 B) and multi-row 4096-element tiles at 16 warps spilled (e.g. 64 x 64: 84 B);
+    at 4 per thread (1024-element tiles, 8 warps) every configuration stays under 100 registers.
+    Rows of 2048 and 4096 columns are one row per program (16 warps). A batch of at most ``ROWS``
+    rows is one program. tests/test_kernel_codegen.py compiles every configuration and checks.
+    """
     if c > _MAX_SINGLE_BLOCK:
         return 1, _MULTI_BLOCK, False, 16
     block_c = _utils.next_pow2(c)
-    rows_all = _utils.next_pow2(b)
-    if rows_all * block_c <= _ONE_PROGRAM_TILE:
-        rows = rows_all
-    else:
-        rows = max(1, min(_TILE // block_c, rows_all))
-    return rows, block_c, True, _utils.warps_for(rows * block_c)
+    rows = max(1, _TILE // block_c)
+    return rows, block_c, True, max(1, min(16, rows * block_c // (32 * _VALUES_PER_THREAD)))
+
+
+def launch_configs() -> list[tuple[int, int, bool, int]]:
+    """Every configuration :func:`_launch_config` can return (the set the codegen test compiles)."""
+    widths = [2**j for j in range(_MAX_SINGLE_BLOCK.bit_length())] + [_MAX_SINGLE_BLOCK + 1]
+    return sorted({_launch_config(1, c) for c in widths})
 
 
 @_utils.register_op("mskd::mbd_loss_fwd")

@@ -11,6 +11,7 @@ from _kernel_utils import (
     as_tensor,
     assert_close_scaled,
     cuda_only,
+    fp32_rtol,
     ignore_interpreter_nan_warnings,
     poisoned_outputs,  # noqa: F401 - fixture
     spec_cases,
@@ -21,7 +22,7 @@ from mskd_fast import reference as ref
 
 pytestmark = [pytest.mark.usefixtures("poisoned_outputs"), ignore_interpreter_nan_warnings]
 
-FP32_RTOL = 1e-5
+FP32_RTOL = fp32_rtol(1e-5)
 LOW_RTOL = 1e-2
 
 
