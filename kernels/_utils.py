@@ -59,7 +59,10 @@ def launch(kernel, grid, *args, **kwargs) -> None:
 
     Compiled (GPU) Triton: through ``wrap_triton`` so that ``torch.compile`` captures the launch.
     Under the interpreter the kernel is called directly (no-op on fake tensors): the op is opaque
-    there, and torch < 2.14's ``wrap_triton`` rejects the interpreter's kernel objects. On real
+    there, and torch 2.11's ``wrap_triton`` (torch/_library/triton.py) raises for anything that
+    is not a ``JITFunction``/``Autotuner``, which the interpreter's ``InterpretedFunction`` is not
+    (torch 2.14 passes those through). The GPU path of 2.11 is unaffected: without the interpreter
+    ``@triton.jit`` returns a ``JITFunction``, which 2.11 wraps as 2.14 does. On real
     CUDA tensors the launch runs under ``torch.cuda.device(<their device>)`` (Triton otherwise
     launches on the *current* device and stream, which need not be the tensors').
     """
