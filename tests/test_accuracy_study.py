@@ -1,6 +1,6 @@
-"""Smoke test of ``bench/accuracy_study.py``: the ``--tiny`` study runs end to end on CPU and writes its
-outputs (the side-by-side table with both methods, the per-scale recall plot, the JSON, every run's folder).
-Scores are not checked: at this budget they carry no information.
+"""``bench/accuracy_study.py``: the ``--tiny`` study runs end to end on CPU and writes its outputs; the variants
+differ only in their method flags; the ``iota`` rule and the statistics are right. Scores of the tiny study are
+not checked: at that budget they carry no information.
 """
 
 import importlib.util
@@ -41,56 +41,54 @@ def _table_rows(markdown: str, header_start: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_tiny_study_writes_table_plot_and_runs(study, tmp_path, capsys):
+def test_tiny_study_writes_tables_plot_and_runs(study, tmp_path, capsys):
     out = tmp_path / "study"
-    code = study.main(["--tiny", "--device", "cpu", "--output", str(out),
-                       "--synthetic-cache", str(tmp_path / "cache")])
-    assert code == 0
+    argv = ["--tiny", "--device", "cpu", "--seeds", "1", "--output", str(out),
+            "--synthetic-cache", str(tmp_path / "cache")]
+    assert study.main(argv) == 0
 
     md = (out / "results.md").read_text()
     rows = _table_rows(md, "| run |")
-    assert set(rows) == {"Vanilla (BCE)", "MSKD"}
+    stable_label = study.stable_default().label
+    assert set(rows) == {"Vanilla (BCE)", stable_label, "MSKD paper"}
     for label, cells in rows.items():
-        # mAP, P@1, R@1, CF1, OF1 are numbers in [0, 100]
-        for value in cells[:5]:
+        assert cells[0] == "1"  # seeds
+        for value in cells[1:6]:  # mAP, P@1, R@1, CF1, OF1 (one seed: no spread)
             assert 0.0 <= float(value) <= 100.0, (label, cells)
-        assert float(cells[-1]) > 0 and float(cells[-2]) > 0  # run wall, train time
-    assert rows["MSKD"][5].startswith(("+", "-"))  # delta mAP vs vanilla
-    assert "profile `tiny`" in md and "Recall by object scale" in md
+    assert rows["MSKD paper"][6].startswith(("+", "-"))  # delta mAP vs vanilla
+    assert "profile `tiny`" in md and "Validation split" in md and "Recall by object scale" in md
 
     png = (out / "scale_recall.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    assert not (out / "scale_recall_all.png").exists()  # only with --ablations
 
     doc = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in doc["runs"]] == ["vanilla", "mskd"]
-    assert doc["settings"]["epochs"] == 1 and doc["profile"] == "tiny"
+    assert [r["variant"] for r in doc["runs"]] == ["vanilla", study.stable_default().name, "paper"]
+    assert doc["iota_decision"] is None  # only with --ablations
     for run in doc["runs"]:
-        for key in ("mAP", "P@1", "R@1", "CF1", "OF1", "train_time_s"):
-            assert isinstance(run["metrics"][key], float) and math.isfinite(run["metrics"][key]), key
+        for split in ("test", "val"):
+            assert all(isinstance(run[split][k], float) and math.isfinite(run[split][k]) for k in study.METRICS)
+        assert math.isfinite(run["train_fit_mAP"])
         assert run["scale_recall"] and sum(b["objects"] for b in run["scale_recall"]) > 0
-        run_dir = out / "runs" / run["name"]
-        for name in ("summary.csv", "scale_recall.csv", "last.pt"):
+        run_dir = out / "runs" / f"{run['variant']}-s1"
+        for name in ("summary.csv", "last.pt", "eval-test/metrics.json", "eval-train/metrics.json"):
             assert (run_dir / name).is_file(), name
-        assert (out / "logs" / f"{run['name']}.log").read_text().startswith("python -m mskd_fast.train ")
-    # the vanilla run trained BCE only, the MSKD run every term
-    losses = {r["name"]: r["metrics"]["final_loss"] for r in doc["runs"]}
+        assert json.loads((run_dir / "eval-test" / "metrics.json").read_text())["split"] == "test"
+        assert (out / "logs" / f"{run['variant']}-s1.log").read_text().startswith("python -m mskd_fast.train ")
+    losses = {r["variant"]: r["losses"] for r in doc["runs"]}
     assert losses["vanilla"]["lsd"] == losses["vanilla"]["rsd"] == losses["vanilla"]["ssd"] == 0
-    assert losses["mskd"]["lsd"] > 0
+    assert losses["paper"]["lsd"] > 0
     assert "| Vanilla (BCE) |" in capsys.readouterr().out
 
-
-def test_refuses_to_overwrite_existing_runs(study, tmp_path, capsys):
-    (tmp_path / "runs" / "vanilla").mkdir(parents=True)
-    with pytest.raises(SystemExit) as exc:
-        study.main(["--tiny", "--device", "cpu", "--output", str(tmp_path)])
-    assert exc.value.code == 2
-    assert "already holds runs ['vanilla']" in capsys.readouterr().err
+    # A second start reuses every finished run (an interrupted study continues where it stopped).
+    assert study.main(argv) == 0
+    assert "0 runs to train, 3 reused" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--tiny", "--profile", "gpu"], "--tiny conflicts with --profile gpu"),
     (["--tiny", "--epochs", "0"], "--epochs must be >= 1"),
+    (["--tiny", "--jobs", "0"], "--jobs must be >= 1"),
+    (["--tiny", "--seeds", "1", "1"], "--seeds must be distinct"),
     (["--tiny", "--device", "tpu"], "--device must be"),
 ])
 def test_bad_flags_name_the_flag(study, tmp_path, capsys, argv, message):
@@ -101,19 +99,53 @@ def test_bad_flags_name_the_flag(study, tmp_path, capsys, argv, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_ablation_runs_differ_only_in_their_method_flags(study):
-    settings = dict(study.PROFILES["gpu"])
-    variants = [study.VANILLA, study.MSKD, *study.ABLATIONS]
-    argvs = [study.trainer_argv(v, settings, seed=3, device="cuda", runs_dir="/r", synthetic_cache=None)
+def test_variants_differ_only_in_their_method_flags(study):
+    settings = dict(study.PROFILES["cpu"])
+    variants = study.study_variants(ablations=True)
+    assert len({v.name for v in variants}) == len(variants) == 8
+    argvs = [study.trainer_argv(v, settings, seed=3, device="cpu", runs_dir="/r", synthetic_cache=None)
              for v in variants]
     stripped = []
     for variant, argv in zip(variants, argvs):
         at = argv.index("--experiment")
-        assert argv[at + 1] == variant.name
+        assert argv[at + 1] == f"{variant.name}-s3"
         assert tuple(argv[len(argv) - len(variant.flags):]) == variant.flags
         stripped.append(argv[:at] + argv[at + 2: len(argv) - len(variant.flags)])
     common = stripped[0]
     assert all(s == common for s in stripped)  # same budget, data, seed and device for every run
-    assert {v.flags[-1] for v in study.ABLATIONS} == {"--no-lsd", "--no-rsd", "--no-ssd", "--no-mbd"}
-    assert "--amp" in common and common[common.index("--seed") + 1] == "3"
-    assert common[common.index("--epochs") + 1] == "12" and common[common.index("--model") + 1] == "resnet18"
+    # trained on train-fit, selected on val; the test split is only seen by the evaluation afterwards
+    assert common[common.index("--train-split") + 1] == "train-fit"
+    assert common[common.index("--eval-split") + 1] == "val"
+    assert "output_stride=16" in common  # 4x4 final feature map at 64 px
+    iotas = sorted(float(v.flags[-1]) for v in variants if "--iota" in v.flags)
+    assert iotas == sorted(study.IOTA_GRID)
+    assert {v.flags[-1] for v in study.DROPS} == {"--no-lsd", "--no-rsd", "--no-ssd"}
+    ev = study.evaluate_argv("/r/x", "test", settings, "cpu", None)
+    assert ev[ev.index("--eval-split") + 1] == "test" and ev[ev.index("--checkpoint") + 1] == "/r/x/last.pt"
+
+
+def test_main_variants_use_the_code_default_iota(study):
+    from mskd_fast.losses import RECIPES
+
+    names = [v.name for v in study.study_variants(ablations=False)]
+    assert names == ["vanilla", f"stable-iota{RECIPES['stable']['iota']:g}", "paper"]
+
+
+def test_choose_iota_rule(study):
+    # best mean wins ...
+    d = study.choose_iota({0.15: [30.0, 31.0, 32.0], 0.5: [29.0, 29.5, 30.0], 1.5: [27.0, 27.5, 28.0]})
+    assert d["chosen"] == 0.15 and d["best"] == 0.15
+    # ... unless the paper's 1.5 is within one std (of the best's seeds) of the best mean
+    d = study.choose_iota({0.15: [28.0, 31.0, 34.0], 0.5: [29.0, 29.5, 30.0], 1.5: [29.5, 30.0, 30.5]})
+    assert d["best"] == 0.15 and d["chosen"] == 1.5 and "kept" in d["why"]
+    d = study.choose_iota({0.15: [30.0, 30.0, 30.0], 1.5: [33.0, 33.0, 33.0]})
+    assert d["chosen"] == 1.5 and d["why"] == "best mean val mAP"
+    assert d["val_mAP"]["0.15"]["mean"] == 30.0
+
+
+def test_mean_std(study):
+    m, s = study.mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == 1.0
+    m, s = study.mean_std([4.0])
+    assert m == 4.0 and math.isnan(s)
+    assert math.isnan(study.mean_std([math.nan])[0])
