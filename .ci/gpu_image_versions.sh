@@ -32,7 +32,7 @@ if [ "$have" != "$WANT" ]; then
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install "${PIP_FLAGS[@]}" -c constraints-gpu-image.txt torch torchvision triton
 fi
-"$VENV/bin/pip" install "${PIP_FLAGS[@]}" -c constraints-gpu-image.txt --upgrade pip "setuptools>=77" wheel ninja numpy
+"$VENV/bin/pip" install "${PIP_FLAGS[@]}" -c constraints-gpu-image.txt --upgrade pip "setuptools>=77,<82" wheel ninja numpy
 
 rm -rf "$WORK/src"
 mkdir -p "$SRC"
