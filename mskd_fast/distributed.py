@@ -60,13 +60,17 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
 def init_distributed(device_flag: str = "auto") -> DistContext:
     """Join the process group when launched by torchrun (``WORLD_SIZE > 1``), else a single-process context.
 
-    Under torchrun each process uses ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo.
+    Under torchrun each process uses ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo. Either way a CUDA
+    device (``--device cuda:1`` included) becomes the process's current device.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
-        return DistContext(device=resolve_device(device_flag, 0))
+        device = resolve_device(device_flag, 0)
+        if device.type == "cuda":  # eager launches and new CUDA tensors default to the current device
+            torch.cuda.set_device(device)
+        return DistContext(device=device)
     if device_flag not in ("auto", "cpu", "cuda"):
         raise ValueError(
             f"under torchrun --device must be auto, cpu or cuda (one GPU per process), got {device_flag!r}"
