@@ -6,13 +6,12 @@ run's (measured: max |logit| 23-156 at epoch 2 for seeds 1, 7, 42); vanilla and 
 same LR keep max |logit| below 1.
 """
 
-import csv
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+from train_cli_helpers import summary_rows, tiny_run_argv
 
 from mskd_fast.collapse import SIGNAL_KEYS, advice, bce_rise, collapse_reasons, eval_signals
 from mskd_fast.train import main
@@ -51,16 +50,10 @@ def test_collapse_reasons_need_large_logits_with_one_class():
 
 
 def _argv(tmp_path, name, *extra):
-    return ["--synthetic-size", "64", "--synthetic-test-size", "24", "--synthetic-img-size", "64",
-            "--synthetic-cache", str(tmp_path / "cache"), "--img-size", "64", "-b", "16", "--epochs", "3",
-            "--model", "resnet10t", "--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "--loader", "torch",
-            "-j", "0", "--no-progress", "--log-interval", "100", "--lr", "0.2", "--output", str(tmp_path),
-            "--experiment", name, *extra]
+    return tiny_run_argv(tmp_path / "cache", tmp_path, name, *extra, epochs=3, log_interval=100, lr=0.2)
 
 
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "summary.csv")) as fh:
-        return list(csv.DictReader(fh))
+_rows = summary_rows
 
 
 @pytest.mark.slow

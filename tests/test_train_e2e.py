@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from train_cli_helpers import summary_rows, tiny_run_argv
 
 from mskd_fast import train as train_mod
 from mskd_fast.checkpoint import load_checkpoint
@@ -32,16 +33,10 @@ def cache(tmp_path_factory):
 
 
 def _argv(cache, out, name, *extra, epochs=2, size=64, batch=16):
-    return ["--synthetic-size", str(size), "--synthetic-test-size", "24", "--synthetic-img-size", "64",
-            "--synthetic-cache", cache, "--img-size", "64", "-b", str(batch), "--epochs", str(epochs),
-            "--model", "resnet10t", "--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "--loader", "torch",
-            "-j", "0", "--no-progress", "--log-interval", "2", "--lr", "0.05", "--output", str(out),
-            "--experiment", name, *extra]
+    return tiny_run_argv(cache, out, name, *extra, epochs=epochs, size=size, batch=batch)
 
 
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "summary.csv")) as fh:
-        return list(csv.DictReader(fh))
+_rows = summary_rows
 
 
 @pytest.mark.parametrize("method", ["mskd", "vanilla"])

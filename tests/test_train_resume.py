@@ -9,13 +9,13 @@
 """
 
 import argparse
-import csv
 import os
 import shutil
 
 import pytest
 import torch
 import yaml
+from train_cli_helpers import summary_rows, tiny_run_argv
 
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.losses import MSKDLoss
@@ -29,16 +29,10 @@ def cache(tmp_path_factory):
 
 
 def _argv(cache, out, name, *extra, epochs=1, batch=16):
-    return ["--synthetic-size", "64", "--synthetic-test-size", "16", "--synthetic-img-size", "64",
-            "--synthetic-cache", cache, "--img-size", "64", "-b", str(batch), "--epochs", str(epochs),
-            "--model", "resnet10t", "--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "--loader", "torch",
-            "-j", "0", "--no-progress", "--log-interval", "1", "--lr", "0.05", "--output", str(out),
-            "--experiment", name, *extra]
+    return tiny_run_argv(cache, out, name, *extra, epochs=epochs, test_size=16, batch=batch, log_interval=1)
 
 
-def _rows(run_dir):
-    with open(os.path.join(run_dir, "summary.csv")) as fh:
-        return list(csv.DictReader(fh))
+_rows = summary_rows
 
 
 def _nan_after(monkeypatch, first_bad: int, last_bad: int | None = None):
