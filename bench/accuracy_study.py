@@ -407,8 +407,8 @@ def machine_info(device: str) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True, cwd=REPO).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    except (OSError, subprocess.CalledProcessError):  # e.g. run from a `git archive` snapshot
+        commit = os.environ.get("MSKD_FAST_COMMIT", "unknown (not a git checkout; set MSKD_FAST_COMMIT)")
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     return {"device": device, "device_name": name, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "commit": commit,
