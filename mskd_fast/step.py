@@ -61,6 +61,7 @@ __all__ = [
 CROP_MODES = ("random", "corners")
 RANDOM_AREA = (0.2, 0.3)
 RANDOM_RATIO = (2.0 / 5.0, 5.0 / 3.0)
+_CORNER_BOXES: dict[tuple, torch.Tensor] = {}  # (batch, H, W, device) -> (B, 4, 4) boxes, never written to
 
 
 def sample_boxes(
@@ -78,7 +79,8 @@ def sample_boxes(
     ``w/h`` log-uniform in (2/5, 5/3), position uniform inside the image (a side longer than the image,
     possible only for very elongated inputs, is clipped to it). Drawn with ``generator`` on ``device``
     in one ``torch.rand`` call (no host sync). ``mode="corners"``: the four ``H/2 x W/2`` corner crops in
-    the order top-left, top-right, bottom-left, bottom-right (needs ``S == 4``; no randomness).
+    the order top-left, top-right, bottom-left, bottom-right (needs ``S == 4``; no randomness); the same
+    cached tensor is returned for the same shape and device, so it must not be modified in place.
     """
     if mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
@@ -87,13 +89,16 @@ def sample_boxes(
     if mode == "corners":
         if crops != 4:
             raise ValueError(f"crop mode 'corners' needs exactly 4 crops, got {crops}")
-        h2, w2 = height / 2.0, width / 2.0
-        corners = torch.tensor(
-            [[0.0, 0.0, w2, h2], [w2, 0.0, width, h2], [0.0, h2, w2, height], [w2, h2, width, height]],
-            dtype=torch.float32,
-            device=device,
-        )
-        return corners.unsqueeze(0).expand(batch, 4, 4).contiguous()
+        key = (batch, height, width, str(torch.device(device)))
+        cached = _CORNER_BOXES.get(key)
+        if cached is None:  # built on the host and uploaded once: a copy per step would block on CUDA
+            h2, w2 = height / 2.0, width / 2.0
+            corners = torch.tensor(
+                [[0.0, 0.0, w2, h2], [w2, 0.0, width, h2], [0.0, h2, w2, height], [w2, h2, width, height]],
+                dtype=torch.float32,
+            )
+            cached = _CORNER_BOXES[key] = corners.unsqueeze(0).expand(batch, 4, 4).contiguous().to(device)
+        return cached
     u = torch.rand(batch, crops, 4, generator=generator, device=device, dtype=torch.float32)
     area = (RANDOM_AREA[0] + (RANDOM_AREA[1] - RANDOM_AREA[0]) * u[..., 0]) * (height * width)
     log_lo, log_hi = math.log(RANDOM_RATIO[0]), math.log(RANDOM_RATIO[1])

@@ -69,6 +69,10 @@ def test_corner_boxes_and_validation():
     boxes = sample_boxes(2, 4, 64, 32, "corners")
     expected = torch.tensor([[0, 0, 16, 32], [16, 0, 32, 32], [0, 32, 16, 64], [16, 32, 32, 64]], dtype=torch.float32)
     assert torch.equal(boxes[0], expected) and torch.equal(boxes[1], expected)
+    # cached per shape and device: no host-to-device copy (a blocking one on CUDA) after the first step
+    assert sample_boxes(2, 4, 64, 32, "corners").data_ptr() == boxes.data_ptr()
+    assert sample_boxes(3, 4, 64, 32, "corners").shape == (3, 4, 4)
+    assert sample_boxes(2, 4, 64, 64, "corners").data_ptr() != boxes.data_ptr()
     with pytest.raises(ValueError, match="4 crops"):
         sample_boxes(2, 3, 64, 64, "corners")
     with pytest.raises(ValueError, match="crop mode"):
