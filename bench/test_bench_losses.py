@@ -23,6 +23,7 @@ entries in the Triton interpreter, where the kernels are opaque custom ops insid
 
 import pytest
 import torch
+from _fwd_bwd import forward_backward
 
 from mskd_fast import reference as ref
 
@@ -70,7 +71,7 @@ def _graph_forward(lib):
 
 
 OPS = {"mbd": _mbd_forward, "relation": _relation_forward, "graph": _graph_forward}
-GRAD_OF = {"mbd": 0, "relation": 3}  # the argument each op's loss is differentiated by (graph: no backward)
+GRAD_OF = {"mbd": (0,), "relation": (3,)}  # the argument each op's loss is differentiated by (graph: no backward)
 
 
 def forward_fn(op, impl):
@@ -86,17 +87,7 @@ def _step(op, impl):
     """Forward + backward of ``op``: the (possibly compiled) forward, then ``autograd.grad`` outside it (the
     compiled forward's backward is AOTAutograd's compiled graph)."""
     torch._dynamo.reset()
-    forward = forward_fn(op, impl)
-    index = GRAD_OF.get(op)
-
-    def step(*args):
-        out = forward(*args)
-        if index is None:
-            return out
-        (grad,) = torch.autograd.grad(out, args[index])
-        return grad
-
-    return step
+    return forward_backward(forward_fn(op, impl), GRAD_OF.get(op))
 
 
 def _check(out):

@@ -7,6 +7,7 @@ graph); the backward runs outside it with ``torch.autograd.grad`` (AOTAutograd's
 
 import pytest
 import torch
+from _fwd_bwd import forward_backward
 
 from mskd_fast import reference as ref
 
@@ -54,16 +55,7 @@ def forward_fn(op, impl):
 def _step(op, impl):
     """Forward (compiled or not), then the backward by ``autograd.grad`` outside the compiled region."""
     torch._dynamo.reset()
-    forward = forward_fn(op, impl)
-    index = GRAD_OF.get(op)
-
-    def step(*args):
-        out = forward(*args)
-        if index is None:
-            return out
-        return torch.autograd.grad(out, [args[i] for i in index])
-
-    return step
+    return forward_backward(forward_fn(op, impl), GRAD_OF.get(op))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-S{}-C{}".format(*s))
