@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mskd_fast.reference import MBD_FORMS
+
 from . import _utils
 
 __all__ = ["mbd_loss"]
@@ -37,7 +39,7 @@ _MULTI_BLOCK = 2048  # column block of the looping path (16 warps: 4096 spilled 
 _TILE = 1024  # elements per program in the single-block path (rows * BLOCK_C), for BLOCK_C <= _TILE
 _VALUES_PER_THREAD = 4  # tile elements per thread (see _launch_config)
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-FORMS = ("divergence", "paper")
+FORMS = MBD_FORMS
 _WEIGHT_EPS = 1e-12
 
 

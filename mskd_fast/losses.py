@@ -20,6 +20,7 @@ from ._validation import (
     check_targets,
 )
 from .ops.mbd import check_mbd_args
+from .reference import MBD_FORMS
 
 __all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
 
@@ -138,7 +139,7 @@ class MSKDLoss(nn.Module):
         super().__init__()
         check_choice("recipe", recipe, tuple(RECIPES))
         settings = resolve_recipe(recipe, iota=iota, mbd_form=mbd_form, rsd_teacher_scale=rsd_teacher_scale)
-        check_choice("mbd_form", settings["mbd_form"], ("divergence", "paper"))
+        check_choice("mbd_form", settings["mbd_form"], MBD_FORMS)
         check_choice("rsd_teacher_scale", settings["rsd_teacher_scale"], _RSD_TEACHER_SCALES)
         for name, weight in (("iota", settings["iota"]), ("kappa", kappa), ("lam", lam)):
             check_nonnegative(name, weight)
