@@ -82,10 +82,9 @@ class EpochStats:
     def add(self, out: dict) -> None:
         """Add one step's outputs (``TrainStep.__call__``); no host sync."""
         keep = out["skipped"] == 0
-        for key in TERMS:
-            value = out["total"] if key == "loss" else out[key]
-            value = torch.where(keep, value, torch.zeros_like(value))
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        for key in TERMS:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
+            value = torch.where(keep, out["total"] if key == "loss" else out[key], 0.0)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         skipped = out["skipped"]
         self.sums["skipped"] = self.sums["skipped"] + skipped if "skipped" in self.sums else skipped.clone()
         self.steps += 1
