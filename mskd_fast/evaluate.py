@@ -45,15 +45,21 @@ def evaluate(model, loader, num_classes: int, *, class_names=None, amp_dtype: to
 
 
 def write_eval_reports(metrics: MultiLabelMetrics, index, img_size: int, out_dir: str, *, label: str,
-                       threshold: float = 0.5) -> tuple[dict, list | None]:
+                       threshold: float = 0.5, collapse_signals: bool = False) -> tuple[dict, list | None]:
     """Compute the metrics and write ``per_class_ap.csv`` and (with boxes) ``scale_recall.*`` into ``out_dir``.
 
-    Returns ``(result, scale_table)``: ``result`` is ``MultiLabelMetrics.compute()``; ``scale_table`` the
-    per-scale recall rows or ``None`` for datasets without boxes. Raises ``RuntimeError`` if the evaluated
-    sample ids are not exactly ``0..N-1`` of ``index`` (a sample missing or extra).
+    Returns ``(result, scale_table)``: ``result`` is ``MultiLabelMetrics.compute()`` (plus, with
+    ``collapse_signals``, the :func:`mskd_fast.collapse.eval_signals` of the evaluated ``(N, C)`` logits,
+    taken from the same rows); ``scale_table`` the per-scale recall rows or ``None`` for datasets without
+    boxes. Raises ``RuntimeError`` if the evaluated sample ids are not exactly ``0..N-1`` of ``index`` (a
+    sample missing or extra).
     """
     result = metrics.compute()
     rows = metrics.rows()
+    if collapse_signals:
+        from mskd_fast.collapse import eval_signals
+
+        result.update(eval_signals(torch.from_numpy(rows["logits"])))
     ids = rows["sample_ids"]
     n = len(index)
     if ids.shape[0] != n or not np.array_equal(ids, np.arange(n)):

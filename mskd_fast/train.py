@@ -464,7 +464,6 @@ class Trainer:
                 dist.broadcast(buf, 0)
 
     def _evaluate(self, epoch: int):
-        from mskd_fast.collapse import eval_signals
         from mskd_fast.evaluate import evaluate, write_eval_reports
 
         t0 = time.time()
@@ -475,8 +474,7 @@ class Trainer:
         if self.ctx.is_main:  # the metrics hold every rank's rows (gathered by evaluate)
             result, _ = write_eval_reports(metrics, self.eval_index, self.args.img_size, self.out_dir,
                                            label=f"{self.args.method} epoch {epoch + 1}",
-                                           threshold=self.args.threshold)
-            result = dict(result, **eval_signals(torch.from_numpy(metrics.rows()["logits"])))
+                                           threshold=self.args.threshold, collapse_signals=True)
         result = all_gather_objects(self.ctx, result)[0] if self.ctx.distributed else result
         return result, time.time() - t0
 

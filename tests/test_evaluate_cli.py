@@ -67,3 +67,20 @@ def test_dali_run_defaults_to_dali_and_both_loaders_give_the_same_metrics(tmp_pa
     assert with_torch["loader"] == "torch"
     for key in METRIC_KEYS:
         assert with_torch[key] == pytest.approx(with_dali[key], abs=1e-3), key
+
+
+def test_write_eval_reports_adds_the_collapse_signals_of_the_same_rows(tmp_path, cache):
+    from mskd_fast.collapse import eval_signals
+    from mskd_fast.evaluate import write_eval_reports
+    from mskd_fast.metrics import MultiLabelMetrics
+
+    index = load_index("synthetic", None, "test",
+                       synthetic=SyntheticConfig(train_size=16, test_size=24, img_size=64, seed=0, cache_dir=cache))
+    logits = torch.randn(len(index), index.num_classes) * 3
+    metrics = MultiLabelMetrics(index.num_classes)
+    metrics.update(logits, torch.from_numpy(index.labels).float(), torch.arange(len(index)))
+    plain, _ = write_eval_reports(metrics, index, 64, str(tmp_path / "a"), label="t")
+    assert "max_abs_logit" not in plain
+    result, _ = write_eval_reports(metrics, index, 64, str(tmp_path / "b"), label="t", collapse_signals=True)
+    assert result["mAP"] == plain["mAP"]
+    assert {k: result[k] for k in eval_signals(logits)} == pytest.approx(eval_signals(logits))
