@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -161,9 +162,8 @@ def repair_best(folder: str, blob: dict, resume_path: str) -> str | None:
     if os.path.abspath(source) != os.path.abspath(path) and os.path.isfile(source):
         src = checkpoint_info(source)
         if src is not None and src["epoch"] == best_epoch and not src["step_in_epoch"]:
-            with atomic_path(path, durable=True) as tmp, open(source, "rb") as fin, open(tmp, "wb") as fout:
-                while chunk := fin.read(1 << 24):
-                    fout.write(chunk)
+            with atomic_path(path, durable=True) as tmp:
+                shutil.copyfile(source, tmp)
             return f"best.pt copied from {source} (epoch {best_epoch})"
     return (f"warning: best.pt {held} but the best record says epoch {best_epoch}, and no checkpoint of that "
             "epoch is at hand; best.pt stays as it is until a better epoch replaces it")

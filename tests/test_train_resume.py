@@ -19,7 +19,7 @@ from train_cli_helpers import summary_rows, tiny_run_argv
 
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.losses import MSKDLoss
-from mskd_fast.run_dir import choose_run_folder, keep_old_recovery, remove_stale_temps
+from mskd_fast.run_dir import choose_run_folder, keep_old_recovery, remove_stale_temps, repair_best
 from mskd_fast.train import main
 
 
@@ -83,6 +83,20 @@ def test_keep_old_recovery_never_overwrites(tmp_path):
     torch.save({"epoch": 1, "step_in_epoch": 3}, tmp_path / "recovery.pt")
     second = keep_old_recovery(str(tmp_path))
     assert os.path.basename(second) == "recovery-E1-S3-2.pt" and os.path.isfile(first)
+
+
+def test_repair_best_copies_a_matching_best_from_the_checkpoint_folder(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    torch.save({"epoch": 1, "step_in_epoch": 0, "w": torch.arange(4)}, src / "best.pt")
+    blob = {"epoch": 2, "step_in_epoch": 0, "best": {"mAP": 50.0, "epoch": 1}}  # last.pt: not the best model
+    note = repair_best(str(dst), blob, str(src / "last.pt"))
+    assert note == f"best.pt copied from {src / 'best.pt'} (epoch 1)"
+    assert (dst / "best.pt").read_bytes() == (src / "best.pt").read_bytes()
+    assert repair_best(str(dst), blob, str(src / "last.pt")) is None  # now right: nothing to do
+    (src / "best.pt").unlink()
+    (dst / "best.pt").unlink()
+    assert repair_best(str(dst), blob, str(src / "last.pt")).startswith("warning: best.pt is missing")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
