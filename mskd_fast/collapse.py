@@ -67,7 +67,8 @@ def eval_signals(logits: torch.Tensor) -> dict:
 
 
 def bce_rise(bce: float, earlier: Sequence[float]) -> float:
-    """``bce`` over the lowest finite value of ``earlier`` (NaN when there is none, or ``bce`` is not finite)."""
+    """``bce`` over the lowest finite positive value of ``earlier`` (epoch mean BCEs; NaN when there is none,
+    or ``bce`` is not finite)."""
     finite = [v for v in earlier if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
     if not finite or not math.isfinite(bce):
         return math.nan
