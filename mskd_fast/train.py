@@ -98,11 +98,13 @@ class EpochStats:
         return torch.cat([means, skipped.view(1)])
 
     def state(self) -> dict:
+        """Plain-data copy for a mid-epoch checkpoint (``epoch_acc``): sums as floats (one host sync)."""
         return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
     def from_state(cls, state: dict, device) -> EpochStats:
+        """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
         return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
                    steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
                    train_time=state["train_time"])
