@@ -1,4 +1,5 @@
-"""The timed unit of the loss benchmarks: a (possibly compiled) forward, then its backward outside it."""
+"""The loss benchmarks' shared pieces: each op's forward, and the timed unit (a possibly compiled forward, then its
+backward outside it)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,23 @@ def forward_backward(forward, grad_of: tuple[int, ...] | None):
         return torch.autograd.grad(out, [args[i] for i in grad_of])
 
     return step
+
+
+# The argument (of ``q, t, y, r, o``) each op's loss is differentiated by; ``graph`` has no backward.
+GRAD_OF = {"mbd": (0,), "relation": (3,)}
+
+
+def loss_forwards(lib) -> dict:
+    """``{op: forward(q, t, y, r, o)}`` for ``mbd``, ``relation`` and ``graph`` on ``lib`` (``mskd_fast.reference``
+    or ``mskd_fast.kernels``, which share these signatures)."""
+
+    def mbd(q, t, y, r, o):
+        return lib.mbd_loss(q, t, y)
+
+    def relation(q, t, y, r, o):
+        return lib.relation_loss(r, o)
+
+    def graph(q, t, y, r, o):
+        return lib.reconstruct_logits(o, q.detach(), y)
+
+    return {"mbd": mbd, "relation": relation, "graph": graph}

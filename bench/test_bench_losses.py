@@ -23,7 +23,7 @@ entries in the Triton interpreter, where the kernels are opaque custom ops insid
 
 import pytest
 import torch
-from _fwd_bwd import forward_backward
+from _fwd_bwd import GRAD_OF, forward_backward, loss_forwards
 
 from mskd_fast import reference as ref
 
@@ -49,35 +49,13 @@ def _make(b, s, c, device, dtype=torch.float32):
     return q, t, y, r, o
 
 
-def _mbd_forward(lib):
-    def forward(q, t, y, r, o):
-        return lib.mbd_loss(q, t, y)
-
-    return forward
-
-
-def _relation_forward(lib):
-    def forward(q, t, y, r, o):
-        return lib.relation_loss(r, o)
-
-    return forward
-
-
-def _graph_forward(lib):
-    def forward(q, t, y, r, o):
-        return lib.reconstruct_logits(o, q.detach(), y)
-
-    return forward
-
-
-OPS = {"mbd": _mbd_forward, "relation": _relation_forward, "graph": _graph_forward}
-GRAD_OF = {"mbd": (0,), "relation": (3,)}  # the argument each op's loss is differentiated by (graph: no backward)
+OPS = ("mbd", "relation", "graph")
 
 
 def forward_fn(op, impl):
     """The forward of ``op`` for ``impl``; the compiled ones are ``torch.compile(forward, fullgraph=True)``."""
     lib = ref if impl in ("eager", "compiled") else _kernels()
-    fn = OPS[op](lib)
+    fn = loss_forwards(lib)[op]
     if impl.endswith("compiled"):
         fn = torch.compile(fn, fullgraph=True)
     return fn
@@ -96,7 +74,7 @@ def _check(out):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-S{}-C{}".format(*s))
-@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("impl", IMPLS)
 def test_losses_training_shapes(benchmark, bench_run, device, shape, op, impl):
     if device.type == "cpu" and shape not in CPU_SHAPES:

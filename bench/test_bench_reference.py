@@ -7,7 +7,8 @@ graph); the backward runs outside it with ``torch.autograd.grad`` (AOTAutograd's
 
 import pytest
 import torch
-from _fwd_bwd import forward_backward
+from _fwd_bwd import GRAD_OF as LOSS_GRAD_OF
+from _fwd_bwd import forward_backward, loss_forwards
 
 from mskd_fast import reference as ref
 
@@ -24,26 +25,13 @@ def _make(b, s, c, device):
     return q, t, y, r, o
 
 
-def _mbd_forward(q, t, y, r, o):
-    return ref.mbd_loss(q, t, y)
-
-
-def _relation_forward(q, t, y, r, o):
-    return ref.relation_loss(r, o)
-
-
-def _graph_forward(q, t, y, r, o):
-    return ref.reconstruct_logits(o, q.detach(), y)
-
-
 def _mskd_terms_forward(q, t, y, r, o):
     z = ref.reconstruct_logits(o, q.detach(), y)
     return ref.relation_loss(r, o) + ref.mbd_loss(q, z, y) + ref.mbd_loss(q, t, y)
 
 
-OPS = {"mbd": _mbd_forward, "relation": _relation_forward, "graph": _graph_forward,
-       "mskd_terms": _mskd_terms_forward}
-GRAD_OF = {"mbd": (0,), "relation": (3,), "mskd_terms": (0, 3)}  # differentiated arguments (graph: none)
+OPS = {**loss_forwards(ref), "mskd_terms": _mskd_terms_forward}
+GRAD_OF = {**LOSS_GRAD_OF, "mskd_terms": (0, 3)}  # differentiated arguments (graph: none)
 
 
 def forward_fn(op, impl):
