@@ -520,6 +520,10 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None, help="pytest-xdist workers for the test steps")
     p.add_argument("--sample-every", type=int, default=6, help="--rehearse: run every N-th test of phase 1")
     args = p.parse_args(argv)
+    for flag, value, low in (("--budget", args.budget, 1), ("--reserve", args.reserve, 0),
+                             ("--workers", args.workers, 1), ("--sample-every", args.sample_every, 1)):
+        if value is not None and value < low:
+            p.error(f"{flag} must be >= {low}, got {value:g}")
     gpu = not args.rehearse
     args.budget = args.budget or (540.0 if gpu else 175.0)
     args.workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if gpu else 1)

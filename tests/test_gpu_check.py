@@ -10,6 +10,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import gpu_check  # noqa: E402
@@ -68,3 +70,13 @@ def test_step_past_the_budget_is_skipped_not_run(tmp_path):
     summary, tarball = check.write_outputs()
     problems = gpu_check.verify_outputs(summary, tarball, need_json=True)
     assert any("no .json" in p for p in problems)
+
+
+
+@pytest.mark.parametrize("argv, message", [(["--budget", "-5"], "--budget must be >= 1"),
+                                           (["--workers", "0"], "--workers must be >= 1"),
+                                           (["--sample-every", "0"], "--sample-every must be >= 1")])
+def test_bad_option_values_name_the_option(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
