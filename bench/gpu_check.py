@@ -4,7 +4,7 @@ Usage: ``python bench/gpu_check.py [--rehearse] [--out DIR] [--budget SECONDS]``
 passes its arguments through). The lent machine gives one command at most 10 minutes and returns at most
 8 files, so the check is two phases under one time budget:
 
-* **Phase 1 (the verdict, < 4 minutes on an H100-class card):** versions; build and editable install of the
+* **Phase 1 (the verdict, run first; not yet timed on a GPU):** versions; build and editable install of the
   package (``MSKD_FAST_BUILD_CUDA=1``; when that fails, again with ``MSKD_FAST_BUILD_CUDA=0`` so the Triton tests
   and loss benchmarks still run, and the summary says so); every test of the kernel, op, compile, crop and ROI
   test files (whole files, not only ``-m cuda``); the headline trainer-step benchmark group.
