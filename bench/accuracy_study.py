@@ -412,9 +412,11 @@ def machine_info(device: str) -> dict:
 
 
 def settings_text(profile: str, settings: dict, seeds: list[int]) -> str:
+    from mskd_fast.data.datasets import synthetic_val_size
+
     s = settings
     kwargs = f" ({', '.join(s['model_kwargs'])})" if s["model_kwargs"] else ""
-    n_val = round(0.2 * s["synthetic_size"])
+    n_val = synthetic_val_size(s["synthetic_size"])
     return (
         f"- profile `{profile}`: timm `{s['model']}`{kwargs}, random init, {s['img_size']} px, batch "
         f"{s['batch_size']}, {s['epochs']} epochs, SGD LR {s['lr']} (cosine, {s['warmup_epochs']} warm-up epochs), "

@@ -57,6 +57,7 @@ def test_tiny_study_writes_tables_plot_and_runs(study, tmp_path, capsys):
             assert 0.0 <= float(value) <= 100.0, (label, cells)
     assert rows["MSKD paper"][6].startswith(("+", "-"))  # delta mAP vs vanilla
     assert "profile `tiny`" in md and "Validation split" in md and "Recall by object scale" in md
+    assert "train-fit 32 / val 8 " in md  # the sizes of the carved splits (40 train images, the last 20 % val)
 
     png = (out / "scale_recall.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

@@ -21,10 +21,15 @@ _TRAIN_SPLIT = {"voc": "trainval"}
 _EVAL_SPLIT: dict[str, str] = {}
 
 
+def synthetic_val_size(n_train: int) -> int:
+    """Images of the synthetic ``val`` split carved from a ``train`` split of ``n_train`` (0 when ``n_train < 2``)."""
+    return max(1, round(SYNTHETIC_VAL_FRACTION * n_train)) if n_train > 1 else 0
+
+
 def _synthetic_carve(train: DatasetIndex, split: str) -> DatasetIndex:
     """``train-fit`` or ``val`` of the synthetic dataset, carved from its ``train`` index (see SYNTHETIC_SPLITS)."""
     n = len(train)
-    n_val = max(1, round(SYNTHETIC_VAL_FRACTION * n)) if n > 1 else 0
+    n_val = synthetic_val_size(n)
     is_val = np.arange(n) >= n - n_val
     if split == "val" and n_val == 0:
         raise ValueError("synthetic split 'val' needs a train split of at least 2 images")
