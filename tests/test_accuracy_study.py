@@ -150,3 +150,14 @@ def test_mean_std(study):
     m, s = study.mean_std([4.0])
     assert m == 4.0 and math.isnan(s)
     assert math.isnan(study.mean_std([math.nan])[0])
+
+
+def test_synthetic_val_is_the_last_fifth_of_train_and_disjoint_from_train_fit(tmp_path):
+    from mskd_fast.data import SyntheticConfig, load_index
+
+    config = SyntheticConfig(train_size=12, test_size=4, img_size=32, cache_dir=str(tmp_path))
+    train, fit, val = (load_index("synthetic", None, s, synthetic=config) for s in ("train", "train-fit", "val"))
+    assert (fit.split, val.split) == ("train-fit", "val")
+    assert len(val) == 2 and len(fit) == 10  # round(0.2 * 12)
+    assert fit.paths + val.paths == train.paths  # the last images are val; nothing shared, nothing lost
+    assert not set(val.paths) & set(load_index("synthetic", None, "test", synthetic=config).paths)
