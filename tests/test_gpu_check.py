@@ -80,3 +80,26 @@ def test_bad_option_values_name_the_option(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         gpu_check.parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_report_step_comparison_and_load_errors(tmp_path):
+    import report  # bench/report.py, which the summary's ratio tables come from
+
+    def entry(kind, mean, mem=None):
+        extra = {"kind": kind, "baseline": kind == "floor", **({"peak_mem_mb": mem} if mem else {})}
+        return {"name": f"test_bench_train_step[cuda-{kind}]", "group": "step-x",
+                "stats": {"mean": mean, "median": mean}, "extra_info": extra}
+
+    data = {"benchmarks": [entry("floor", 1.0), entry("vanilla", 0.8, 100.0), entry("mskd", 1.1, 130.0),
+                           entry("plain", 2.2)]}
+    assert "| step-x | 1.10x | 1.38x | 2.00x | 1.30x |" in report.render(data)
+    data["benchmarks"] = data["benchmarks"][:3]  # no plain entry (e.g. it failed)
+    assert "| step-x | 1.10x | 1.38x | n/a | 1.30x |" in report.step_comparison({"step-x": data["benchmarks"]})
+    assert report.step_comparison({"losses-mbd": data["benchmarks"]}) == []  # only step-* groups
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        report.load([bad])
+    with pytest.raises(FileNotFoundError, match="absent.json"):
+        report.load([tmp_path / "absent.json"])
