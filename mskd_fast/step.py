@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 CROP_MODES = ("random", "corners")
+STEP_METHODS = ("mskd", "vanilla", "ud")
 RANDOM_AREA = (0.2, 0.3)
 RANDOM_RATIO = (2.0 / 5.0, 5.0 / 3.0)
 _CORNER_BOXES: dict[tuple, torch.Tensor] = {}  # (batch, H, W, device) -> (B, 4, 4) boxes, never written to
@@ -112,7 +113,8 @@ def sample_boxes(
 
 @dataclass
 class StepConfig:
-    """What one step computes. ``method="vanilla"`` = BCE only (no crops, no teacher, no look-ahead)."""
+    """What one step computes. ``method="vanilla"`` = BCE only (no crops, no teacher, no look-ahead); ``"ud"`` =
+    the same student-only forward with the UD partial-softmax loss (:mod:`mskd_fast.methods.partial_softmax`)."""
 
     method: str = "mskd"
     crops: int = 4
@@ -126,8 +128,8 @@ class StepConfig:
     teacher_batch_stats: bool = False  # teacher BN uses batch statistics: crops and look-ahead forwarded apart
 
     def __post_init__(self):
-        if self.method not in ("mskd", "vanilla"):
-            raise ValueError(f"method must be 'mskd' or 'vanilla', got {self.method!r}")
+        if self.method not in STEP_METHODS:
+            raise ValueError(f"method must be one of {STEP_METHODS}, got {self.method!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not isinstance(self.crops, int) or self.crops < 1:
@@ -138,7 +140,7 @@ class StepConfig:
             raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
         if self.amp_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"amp_dtype must be None, torch.bfloat16 or torch.float16, got {self.amp_dtype}")
-        if self.method == "vanilla":
+        if self.method != "mskd":
             self.use_lsd = self.use_rsd = self.use_ssd = False
 
     @property
@@ -215,7 +217,8 @@ class TrainStep:
     Args:
         model: the student ``MSKDModel``, possibly wrapped in DDP; ``model(x, boxes) -> (q, r)``.
         teacher: ``eval_twin`` of the (unwrapped) student: same tensors, eval behaviour.
-        loss_fn: ``MSKDLoss`` configured with the same switches as ``config``.
+        loss_fn: ``MSKDLoss`` configured with the same switches as ``config`` (``--method ud``:
+            :class:`mskd_fast.methods.PartialSoftmaxBCELoss`, same call signature).
         optimizer: SGD from :func:`build_optimizer` (fused, so non-finite steps skip on the device).
         scheduler: per-step LR scheduler (or ``None``).
         config: :class:`StepConfig`.
@@ -236,7 +239,12 @@ class TrainStep:
             or loss_fn.use_ssd != config.use_ssd
         ):
             raise ValueError("loss_fn switches (use_lsd/use_rsd/use_ssd) must match the StepConfig")
-        if config.method == "vanilla" and (loss_fn.use_lsd or loss_fn.use_rsd or loss_fn.use_ssd):
+        if config.method == "ud":
+            from mskd_fast.methods import PartialSoftmaxBCELoss
+
+            if not isinstance(loss_fn, PartialSoftmaxBCELoss):
+                raise ValueError("method 'ud' needs a PartialSoftmaxBCELoss")
+        elif config.method == "vanilla" and (loss_fn.use_lsd or loss_fn.use_rsd or loss_fn.use_ssd):
             raise ValueError("vanilla training needs MSKDLoss(use_lsd=False, use_rsd=False, use_ssd=False)")
         if scaler is not None and config.amp_dtype != torch.float16:
             raise ValueError("a GradScaler is only used with amp_dtype=float16")

@@ -48,7 +48,7 @@ from mskd_fast.distributed import (
 )
 from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state, same_batch
 from mskd_fast.train_args import build_parser, explicit_flags, resolve_defaults, validate
-from mskd_fast.train_log import TERMS, say
+from mskd_fast.train_log import TERMS, say, terms_for
 
 __all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
@@ -74,6 +74,7 @@ class EpochStats:
     """Running sums of one epoch (device tensors until read). Loss sums skip non-finite steps."""
 
     sums: dict = field(default_factory=dict)
+    terms: tuple = TERMS  # the method's loss columns (train_log.terms_for)
     steps: int = 0
     skipped: int = 0  # unused; the device count is ``sums["skipped"]``
     samples: int = 0
@@ -82,7 +83,7 @@ class EpochStats:
     def add(self, out: dict) -> None:
         """Add one step's outputs (``TrainStep.__call__``); no host sync."""
         keep = out["skipped"] == 0
-        for key in TERMS:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
+        for key in self.terms:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
             value = torch.where(keep, out["total"] if key == "loss" else out[key], 0.0)
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         skipped = out["skipped"]
@@ -90,23 +91,23 @@ class EpochStats:
         self.steps += 1
 
     def means(self) -> torch.Tensor:
-        """Device float64 tensor: the TERMS means over the steps that counted (NaN if none), then the skip count."""
+        """Device float64 tensor: the ``terms`` means over the steps that counted (NaN if none), then the skip count."""
         skipped = self.sums["skipped"].double()
         counted = self.steps - skipped
-        sums = torch.stack([self.sums[k].double() for k in TERMS])
+        sums = torch.stack([self.sums[k].double() for k in self.terms])
         means = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, math.nan))
         return torch.cat([means, skipped.view(1)])
 
     def state(self) -> dict:
         """Plain-data copy for a mid-epoch checkpoint (``epoch_acc``): sums as floats (one host sync)."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "terms": list(self.terms), "steps": self.steps,
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
     def from_state(cls, state: dict, device) -> EpochStats:
         """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
         return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
-                   steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
+                   terms=tuple(state.get("terms", TERMS)), steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
                    train_time=state["train_time"])
 
 
@@ -116,6 +117,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume: Resume | None):
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
+        from mskd_fast.methods import PartialSoftmaxBCELoss
         from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
         from mskd_fast.run_dir import check_run_folder, choose_run_folder
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
@@ -192,14 +194,19 @@ class Trainer:
             train_model = model
 
         # ---- loss, optimizer, schedule, step
+        self.terms = terms_for(args.method)
         use = dict(use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd)
-        if args.method == "vanilla":
+        if args.method != "mskd":
             use = dict(use_lsd=False, use_rsd=False, use_ssd=False)
-        loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
-                           omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
-                           layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
-                           recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
-                           backend=args.loss_backend, **use)
+        if args.method == "ud":
+            loss_fn = PartialSoftmaxBCELoss(args.ud_weight, args.ud_temperature)
+        else:
+            loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
+                               omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
+                               layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
+                               recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
+                               lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
+                               rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
                             channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
@@ -224,7 +231,7 @@ class Trainer:
         self.best = {"mAP": -math.inf, "epoch": None}
         self.resumes: list[dict] = []
         self.look_ahead_fp = None
-        self.epoch_stats = EpochStats()
+        self.epoch_stats = EpochStats(terms=self.terms)
         if resume is not None:
             self.resume_notes += restore_state(self, resume_blob)
             self.resumes.append({"from": os.path.abspath(resume.path), "epoch": self.epoch,
@@ -400,7 +407,7 @@ class Trainer:
         values = torch.cat([self.epoch_stats.means(), self.step.nonfinite_max_streak.double().view(1)]).tolist()
         flags = all_reduce_max(self.ctx, [values[-1], float(self.stop_signal is not None)])
         if self.ctx.is_main:
-            text = progress_text(self.args.method, dict(zip(TERMS, values)), rate, int(values[len(TERMS)]))
+            text = progress_text(self.args.method, dict(zip(self.terms, values)), rate, int(values[len(self.terms)]))
             if bar is not None:
                 bar.set_postfix_str(text, refresh=True)
             else:
@@ -416,7 +423,7 @@ class Trainer:
         a, st = self.args, self.epoch_stats
         means = st.means().tolist()
         row = {"epoch": epoch + 1, "step": self.global_step}
-        row.update(zip(TERMS, means[: len(TERMS)]))
+        row.update(zip(self.terms, means[: len(self.terms)]))
         row["nonfinite_skipped"] = int(means[-1])
         row["steps_counted"] = st.steps - row["nonfinite_skipped"]
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
@@ -436,14 +443,14 @@ class Trainer:
         self.history.append(row)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
-        self.epoch_stats = EpochStats()
+        self.epoch_stats = EpochStats(terms=self.terms)
         improved = result is not None and not math.isnan(row["mAP"]) and row["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": row["mAP"], "epoch": epoch + 1}
         self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
         if self.ctx.is_main:
             self._write_reports()
-            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons))
+            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, self.terms))
 
     def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
         """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""

@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "say"]
+__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "say", "terms_for"]
 
-TERMS = ("loss", "bce", "lsd", "rsd", "ssd")
+TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # mskd and vanilla (vanilla's SD terms are 0)
+_METHOD_TERMS = {"ud": ("loss", "bce", "ud")}
+
+
+def terms_for(method: str) -> tuple[str, ...]:
+    """The loss columns (epoch means in summary.csv, the epoch line) of ``--method``: ``loss`` first."""
+    return _METHOD_TERMS.get(method, TERMS)
 
 
 def say(msg: str) -> None:
@@ -34,11 +40,14 @@ def header(t) -> str:
         f"lr {a.lr} (backbone x{a.lr_backbone_mult}) {a.sched} warmup {a.warmup_epochs} | "
         f"clip-grad {a.clip_grad or 'off'} | amp {amp} | compile {a.compile} | channels_last {a.channels_last}",
     ]
+    if a.method == "ud":
+        lines.append(f"  UD partial softmax: weight {a.ud_weight}, T={a.ud_temperature}")
     if a.method == "mskd":
         lines.append(f"  MSKD recipe {a.recipe}: MBD form {a.mbd_form}, R-SD teacher scale {a.rsd_teacher_scale} | "
                      f"S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
                      f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
-                     f"kappa={a.kappa} lambda={a.lam} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
+                     f"kappa={a.kappa} lambda={a.lam} L-SD terms {a.lsd_terms} R-SD teacher {a.rsd_teacher_reduce} "
+                     f"crop-T {a.rsd_crop_temperature} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                      f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
     lines.extend(f"  chosen: {note}" for note in t.notes)
     if t.resumes:
@@ -55,18 +64,19 @@ def header(t) -> str:
 def progress_text(method: str, means: dict, rate: float, skipped: int) -> str:
     """``loss 0.6931 bce 0.6931 ... 312.0 img/s [skipped N]`` for a progress bar or log line."""
     shown = {"loss": means["loss"], "bce": means["bce"]}
-    if method == "mskd":
-        shown.update(lsd=means["lsd"], rsd=means["rsd"], ssd=means["ssd"])
+    if method != "vanilla":
+        shown.update({k: means[k] for k in terms_for(method) if k not in shown})
     text = " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" {rate:.1f} img/s"
     return text + (f" skipped {skipped}" if skipped else "")
 
 
-def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str]) -> str:
-    """The log line of one finished epoch (``row``: its summary.csv row)."""
+def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str],
+               terms: tuple[str, ...] = TERMS) -> str:
+    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the method's loss columns)."""
     from mskd_fast.reports import format_metrics
 
-    msg = (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (bce {row['bce']:.4f} lsd {row['lsd']:.4f} "
-           f"rsd {row['rsd']:.4f} ssd {row['ssd']:.4f}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s")
+    parts = " ".join(f"{k} {row[k]:.4f}" for k in terms[1:])
+    msg = f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s"
     if evaluated:
         msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
     if row["nonfinite_skipped"]:
@@ -82,8 +92,9 @@ def final_summary(t) -> str:
     from mskd_fast.collapse import advice, collapse_reasons
     from mskd_fast.reports import format_metrics, format_table
 
-    columns = ["epoch", "loss", "bce", "lsd", "rsd", "ssd", "img/s", "mAP", "OF1", "CF1", "skipped"]
-    keys = ["epoch", "loss", "bce", "lsd", "rsd", "ssd", "img_s", "mAP", "OF1", "CF1", "nonfinite_skipped"]
+    terms = list(terms_for(t.args.method))
+    columns = ["epoch", *terms, "img/s", "mAP", "OF1", "CF1", "skipped"]
+    keys = ["epoch", *terms, "img_s", "mAP", "OF1", "CF1", "nonfinite_skipped"]
     table = format_table([[r.get(k, float("nan")) for k in keys] for r in t.history], columns)
     last = t.history[-1]
     best = (f"best mAP {t.best['mAP']:.2f} at epoch {t.best['epoch']}"
