@@ -263,12 +263,14 @@ class TrainStep:
 
     # ------------------------------------------------------------------ forward region
     def forward_loss(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor | None,
-                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None):
-        """Forward part of the step; returns ``(total, terms, q_next)``.
+                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None, diagnose: bool = False):
+        """Forward part of the step; returns ``(total, terms, q_next)`` (and ``diagnostics`` when ``diagnose``).
 
         ``images (B,3,H,W)``, ``targets (B,C)``, ``boxes (B,S,4)`` or ``None`` (no crops), ``next_images
         (B',3,H,W)`` or ``None`` (no look-ahead), ``q_prev (B,C)`` or ``None``. ``q_next (B',C)``: teacher
         logits of ``next_images`` (float32, no grad), or ``None``. ``terms``: MSKDLoss terms (detached).
+        ``diagnose``: also return :func:`mskd_fast.diagnostics.gradient_diagnostics` of the weighted terms on
+        the classifier (eager only; a few head-only ``autograd.grad`` calls).
         """
         from mskd_fast import ops
 
@@ -300,18 +302,26 @@ class TrainStep:
                 q, r = self.model(images, boxes)
             else:
                 q, r = self.model(images), None
-            total, terms = self.loss_fn(q, r, o, q_prev, targets)
-        return total, terms, q_next
+            if not diagnose:
+                total, terms = self.loss_fn(q, r, o, q_prev, targets)
+                return total, terms, q_next
+            total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True)
+        from mskd_fast.diagnostics import gradient_diagnostics
+
+        diag = gradient_diagnostics(parts, unwrap(self.model).fc.parameters(), q)
+        return total, terms, q_next, diag
 
     # ------------------------------------------------------------------ full step
     def __call__(self, images: torch.Tensor, targets: torch.Tensor,
-                 next_images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 next_images: torch.Tensor | None = None, diagnose: bool = False) -> dict[str, torch.Tensor]:
         """Run one step on ``images (B,3,H,W)``, ``targets (B,C)``.
 
         ``next_images``: the batch the next call will get (S-SD look-ahead); ``None`` at the last step of
         training (the current batch is forwarded instead, to keep compiled shapes static, and the result
-        dropped). Returns device tensors: ``total``, ``bce``, ``lsd``, ``rsd``, ``ssd``, ``grad_norm``
-        and ``skipped`` (1 when the step was skipped as non-finite). No host synchronisation.
+        dropped). Returns device tensors: ``total``, the loss terms (``bce``, ``lsd``, ``rsd``, ``ssd``;
+        ``bce``, ``ud`` for ``--method ud``), ``grad_norm``, ``clipped`` (1 when gradient clipping was
+        active) and ``skipped`` (1 when the step was skipped as non-finite); with ``diagnose`` (this step
+        runs eagerly) also the :mod:`mskd_fast.diagnostics` entries. No host synchronisation.
         """
         cfg = self.config
         batch = images.shape[0]
@@ -330,7 +340,11 @@ class TrainStep:
             fn = self.forward_loss
         self.optimizer.zero_grad(set_to_none=True)
         saved_stats = torch._foreach_mul(self.stat_buffers, 1.0) if self.stat_buffers else []
-        total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
+        diag = {}
+        if diagnose:
+            total, terms, q_next, diag = self.forward_loss(images, targets, boxes, look_ahead, q_prev, diagnose=True)
+        else:
+            total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
         loss_bad = ~torch.isfinite(total)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
@@ -360,9 +374,12 @@ class TrainStep:
         self.q_prev = q_next.detach() if (q_next is not None and next_images is not None) else None
         self.steps += 1
         out = dict(terms)
+        out.update(diag)
         out["total"] = total.detach().float()
         out["grad_norm"] = grad_norm.detach().float()
         out["skipped"] = skipped_i
+        clip = self.config.clip_grad
+        out["clipped"] = ((grad_norm > clip) if clip is not None else torch.zeros_like(skipped)).to(torch.int64)
         return out
 
     def _clip(self) -> torch.Tensor:

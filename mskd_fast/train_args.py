@@ -46,8 +46,8 @@ PAPER_COCO = {"batch_size": 128, "lr": 0.1}
 
 # argparse dest -> key of mskd_fast.losses.RECIPES: flags whose default (None) comes from --recipe
 RECIPE_FLAGS = {"mbd_form": "mbd_form", "rsd_teacher_scale": "rsd_teacher_scale", "iota": "iota", "kappa": "kappa",
-                "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms", "rsd_teacher_reduce": "rsd_teacher_reduce",
-                "crop_mode": "crop_mode"}
+                "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms",
+                "rsd_teacher_reduce": "rsd_teacher_reduce", "crop_mode": "crop_mode"}
 
 
 class ParseKwargs(argparse.Action):
@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
     k.add_argument("--ud-weight", type=float, default=0.1,
                    help="--method ud: weight c of the partial-softmax term (BCE + c * PS)")
-    k.add_argument("--ud-temperature", type=float, default=4.0, help="--method ud: temperature T of the partial softmax")
+    k.add_argument("--ud-temperature", type=float, default=4.0,
+                   help="--method ud: temperature T of the partial softmax")
     k.add_argument("--loss-backend", choices=("auto", "reference", "triton"), default="auto",
                    help="loss kernels: fused Triton on CUDA (auto), or the PyTorch reference")
 
