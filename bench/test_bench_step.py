@@ -15,6 +15,9 @@ Entries (one full optimizer step each: forward, backward, clipping, fused SGD, L
   ``crop_resize``, ROI pooling, the three self-distillation losses and the look-ahead bookkeeping: the
   MSKD step's overhead over the floor is exactly that;
 * ``mskd``: ``TrainStep`` with every term on (S-SD active: ``q_prev`` from the look-ahead);
+* ``mskd-diagnosed``: the ``mskd`` step with the training diagnostics on (``diagnose=True``: the per-term
+  gradients on the classifier, :mod:`mskd_fast.diagnostics`), which the trainer does every ``--log-interval``
+  steps; its ratio to ``mskd`` is the cost of one diagnosed step;
 * ``plain``: :class:`PlainMSKDStep`, the careful plain-PyTorch MSKD step a user would write (the same
   objective, the reference losses, torchvision ``roi_align`` crops and ``roi_pool`` regions, S-SD from a parameter
   snapshot taken before each optimizer step), compiled the same way (fullgraph forward) in the compiled setting.
@@ -121,7 +124,7 @@ def _make(kind, device, s):
     model = model.to(device).to(memory_format=torch.channels_last)
     teacher = eval_twin(model)
     model.train()
-    method = "vanilla" if kind in ("vanilla", "floor") else "mskd"
+    method = "vanilla" if kind in ("vanilla", "floor") else "mskd"  # mskd, mskd-diagnosed, plain
     use = dict(use_lsd=method == "mskd", use_rsd=method == "mskd", use_ssd=method == "mskd")
     config = StepConfig(method=method, crops=s["crops"], amp_dtype=torch.bfloat16, channels_last=True, **use)
     opt = build_optimizer(model, 0.01)
@@ -141,7 +144,7 @@ def _inputs(device, s, seed):
     return images, targets
 
 
-@pytest.mark.parametrize("kind", ["floor", "vanilla", "mskd", "plain"])
+@pytest.mark.parametrize("kind", ["floor", "vanilla", "mskd", "mskd-diagnosed", "plain"])
 def test_bench_train_step(benchmark, bench_run, device, kind):
     s = SETTINGS[device.type]
     mode = "compiled" if s["compile"] else "eager"
@@ -172,11 +175,15 @@ def test_bench_train_step(benchmark, bench_run, device, kind):
             i = state["i"]
             state["i"] = 1 - i
             (x, y), (x_next, _) = batches[i], batches[1 - i]
+            if kind == "mskd-diagnosed":
+                return step(x, y, x_next, diagnose=True)
             return step(x, y, x_next)
 
     out = bench_run(benchmark, run, device=device, warmup=3, kind=kind, batch=s["batch"])
     assert torch.isfinite(out["total"])
-    if kind in ("mskd", "plain"):
+    if kind == "mskd-diagnosed":
+        assert torch.isfinite(out["gcos_rsd"]) and torch.isfinite(out["gnorm_bce"])
+    if kind in ("mskd", "mskd-diagnosed", "plain"):
         assert out["ssd"] != 0  # S-SD was active in the timed steps
     if benchmark.stats is not None:  # None under --benchmark-disable (the CI smoke run)
         benchmark.extra_info["images_per_s"] = s["batch"] / benchmark.stats.stats.mean

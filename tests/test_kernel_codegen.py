@@ -102,7 +102,7 @@ _SCRIPT = textwrap.dedent(
                      dict(K_MODE=mode, BLOCK=1024), 4))
     jobs.append(("graph",
                  dict(o_ptr=ptr("bf16"), u_ptr=ptr("i8"), z_ptr=ptr("bf16"), S="i32", C="i32", o_sb="i32",
-                      o_ss="i32", layers="i32"),
+                      o_ss="i32", layers="i32", inv_crop_temperature="fp32"),
                  dict(SP=16, BLOCK_C=16), 8))
 
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
