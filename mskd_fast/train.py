@@ -48,7 +48,7 @@ from mskd_fast.distributed import (
 )
 from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state, same_batch
 from mskd_fast.train_args import build_parser, explicit_flags, resolve_defaults, validate
-from mskd_fast.train_log import TERMS, say
+from mskd_fast.train_log import TERMS, run_terms, say
 
 __all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
@@ -74,6 +74,7 @@ class EpochStats:
     """Running sums of one epoch (device tensors until read). Loss sums skip non-finite steps."""
 
     sums: dict = field(default_factory=dict)
+    terms: tuple = TERMS  # the loss columns of this run ("loss" = the step's total)
     steps: int = 0
     skipped: int = 0  # unused; the device count is ``sums["skipped"]``
     samples: int = 0
@@ -82,7 +83,7 @@ class EpochStats:
     def add(self, out: dict) -> None:
         """Add one step's outputs (``TrainStep.__call__``); no host sync."""
         keep = out["skipped"] == 0
-        for key in TERMS:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
+        for key in self.terms:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
             value = torch.where(keep, out["total"] if key == "loss" else out[key], 0.0)
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         skipped = out["skipped"]
@@ -93,7 +94,7 @@ class EpochStats:
         """Device float64 tensor: the TERMS means over the steps that counted (NaN if none), then the skip count."""
         skipped = self.sums["skipped"].double()
         counted = self.steps - skipped
-        sums = torch.stack([self.sums[k].double() for k in TERMS])
+        sums = torch.stack([self.sums[k].double() for k in self.terms])
         means = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, math.nan))
         return torch.cat([means, skipped.view(1)])
 
@@ -103,9 +104,9 @@ class EpochStats:
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
-    def from_state(cls, state: dict, device) -> EpochStats:
+    def from_state(cls, state: dict, device, terms: tuple = TERMS) -> EpochStats:
         """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
-        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
+        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()}, terms=terms,
                    steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
                    train_time=state["train_time"])
 
@@ -192,8 +193,16 @@ class Trainer:
             train_model = model
 
         # ---- loss, optimizer, schedule, step
+        self.method = None  # the method object of every method but mskd/vanilla (mskd_fast.methods)
+        if args.method not in ("mskd", "vanilla"):
+            from mskd_fast.methods import build_method
+
+            self.method = build_method(args.method, train_model, args, num_samples=len(self.train_index),
+                                       epochs=args.epochs, generator=self.box_generator)
+            self.method.sync_gradients()
+        self.terms = run_terms(args.method)
         use = dict(use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd)
-        if args.method == "vanilla":
+        if args.method != "mskd":
             use = dict(use_lsd=False, use_rsd=False, use_ssd=False)
         loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
                            omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
@@ -204,7 +213,8 @@ class Trainer:
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
                             channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
         self.optimizer = build_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                         backbone_lr_mult=args.lr_backbone_mult)
+                                         backbone_lr_mult=args.lr_backbone_mult,
+                                         extra_params=None if self.method is None else self.method.extra_parameters())
         self.total_steps = self.steps_per_epoch * args.epochs
         self.scheduler = build_scheduler(
             self.optimizer, total_steps=self.total_steps,
@@ -214,7 +224,7 @@ class Trainer:
         step_teacher = batch_stat_twin(model) if args.teacher_bn == "batch" else self.teacher
         self.step = TrainStep(train_model, step_teacher, loss_fn, self.optimizer, self.scheduler, config,
                               self.box_generator, scaler=self.scaler, compile=args.compile,
-                              fullgraph=not ctx.distributed)
+                              fullgraph=not ctx.distributed, method=self.method)
 
         # ---- counters and state
         self.epoch = 0            # epochs completed
@@ -224,7 +234,7 @@ class Trainer:
         self.best = {"mAP": -math.inf, "epoch": None}
         self.resumes: list[dict] = []
         self.look_ahead_fp = None
-        self.epoch_stats = EpochStats()
+        self.epoch_stats = EpochStats(terms=self.terms)
         if resume is not None:
             self.resume_notes += restore_state(self, resume_blob)
             self.resumes.append({"from": os.path.abspath(resume.path), "epoch": self.epoch,
@@ -351,7 +361,7 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 return self._stop("signal", cur)
-            out = self.step(images, targets, None if nxt is None else nxt[2][0])
+            out = self.step(images, targets, None if nxt is None else nxt[2][0], sample_ids=ids, epoch=epoch)
             self.epoch_stats.add(out)
             self.epoch_stats.samples += images.shape[0] * ctx.world_size
             self.step_in_epoch = i + 1
@@ -400,7 +410,7 @@ class Trainer:
         values = torch.cat([self.epoch_stats.means(), self.step.nonfinite_max_streak.double().view(1)]).tolist()
         flags = all_reduce_max(self.ctx, [values[-1], float(self.stop_signal is not None)])
         if self.ctx.is_main:
-            text = progress_text(self.args.method, dict(zip(TERMS, values)), rate, int(values[len(TERMS)]))
+            text = progress_text(self.args.method, dict(zip(self.terms, values)), rate, int(values[len(self.terms)]))
             if bar is not None:
                 bar.set_postfix_str(text, refresh=True)
             else:
@@ -416,7 +426,7 @@ class Trainer:
         a, st = self.args, self.epoch_stats
         means = st.means().tolist()
         row = {"epoch": epoch + 1, "step": self.global_step}
-        row.update(zip(TERMS, means[: len(TERMS)]))
+        row.update(zip(self.terms, means[: len(self.terms)]))
         row["nonfinite_skipped"] = int(means[-1])
         row["steps_counted"] = st.steps - row["nonfinite_skipped"]
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
@@ -436,14 +446,14 @@ class Trainer:
         self.history.append(row)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
-        self.epoch_stats = EpochStats()
+        self.epoch_stats = EpochStats(terms=self.terms)
         improved = result is not None and not math.isnan(row["mAP"]) and row["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": row["mAP"], "epoch": epoch + 1}
         self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
         if self.ctx.is_main:
             self._write_reports()
-            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons))
+            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, terms=self.terms))
 
     def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
         """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""
@@ -485,7 +495,8 @@ class Trainer:
 
         write_summary_csv(os.path.join(self.out_dir, "summary.csv"), self.history)
         plot_training_curves(self.history, os.path.join(self.out_dir, "training_curves.png"),
-                             title=f"{self.args.method} {self.args.model} on {self.args.dataset}")
+                             title=f"{self.args.method} {self.args.model} on {self.args.dataset}",
+                             terms=self.terms)
 
     def _stop(self, reason: str, nxt) -> int:
         paths = self._save(["recovery.pt"], reason, nxt[2] if nxt is not None else None)

@@ -24,6 +24,7 @@ import os
 from mskd_fast._cli import ArgumentParser, HelpFormatter, set_help
 from mskd_fast.data import SyntheticConfig, add_data_args
 from mskd_fast.losses import RECIPES, resolve_recipe
+from mskd_fast.methods import METHODS, add_method_args, validate_method_args
 from mskd_fast.models import check_model
 
 __all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
@@ -148,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.use_deterministic_algorithms(True) and no cuDNN autotuning (bit-exact resume tests)")
 
     k = p.add_argument_group("MSKD (SPEC defaults)")
-    k.add_argument("--method", choices=("mskd", "vanilla"), default="mskd",
-                   help="MSKD or plain BCE training (same code path, for fair comparisons)")
+    k.add_argument("--method", choices=("mskd", "vanilla", *METHODS), default="mskd",
+                   help="MSKD, plain BCE (vanilla), or one of the paper's comparison methods (tfkd, pskd, dlb, ...: "
+                        "their flags below, docs/METHODS.md); everything else is shared, for fair comparisons")
     k.add_argument("--recipe", choices=tuple(RECIPES), default="stable",
                    help="stable: MBD as a true divergence, R-SD teacher scale-matched, iota=0.15 (use this; "
                         "it does not collapse from scratch). paper: the paper's equations as written "
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
     k.add_argument("--loss-backend", choices=("auto", "reference", "triton"), default="auto",
                    help="loss kernels: fused Triton on CUDA (auto), or the PyTorch reference")
+
+    add_method_args(p)
 
     r = p.add_argument_group("run")
     r.add_argument("--output", default="output", help="parent folder of the run folder")
@@ -327,4 +331,5 @@ def validate(args: argparse.Namespace) -> None:
     if args.experiment is not None:
         _need(args.experiment not in ("", ".", "..") and os.sep not in args.experiment, "--experiment",
               "a folder name (no path separators)", args.experiment)
+    validate_method_args(args)
     check_model(args.model, img_size=args.img_size, **args.model_kwargs)  # before any run folder exists

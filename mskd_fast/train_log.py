@@ -5,9 +5,18 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "say"]
+__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "run_terms", "say"]
 
-TERMS = ("loss", "bce", "lsd", "rsd", "ssd")
+TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # the loss columns of mskd and vanilla runs
+
+
+def run_terms(method: str) -> tuple[str, ...]:
+    """The loss columns of a run of ``method``: :data:`TERMS` for mskd/vanilla, else ``loss`` + the method's terms."""
+    if method in ("mskd", "vanilla"):
+        return TERMS
+    from mskd_fast.methods import method_terms
+
+    return ("loss", *method_terms(method))
 
 
 def say(msg: str) -> None:
@@ -40,6 +49,8 @@ def header(t) -> str:
                      f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
                      f"kappa={a.kappa} lambda={a.lam} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                      f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
+    elif getattr(t, "method", None) is not None:
+        lines.append(f"  {t.method.title}: {t.method.describe()}")
     lines.extend(f"  chosen: {note}" for note in t.notes)
     if t.resumes:
         r = t.resumes[-1]
@@ -57,16 +68,20 @@ def progress_text(method: str, means: dict, rate: float, skipped: int) -> str:
     shown = {"loss": means["loss"], "bce": means["bce"]}
     if method == "mskd":
         shown.update(lsd=means["lsd"], rsd=means["rsd"], ssd=means["ssd"])
+    elif method != "vanilla":
+        shown = dict(means)
     text = " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" {rate:.1f} img/s"
     return text + (f" skipped {skipped}" if skipped else "")
 
 
-def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str]) -> str:
-    """The log line of one finished epoch (``row``: its summary.csv row)."""
+def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str],
+               terms: tuple = TERMS) -> str:
+    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the run's loss columns)."""
     from mskd_fast.reports import format_metrics
 
-    msg = (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} (bce {row['bce']:.4f} lsd {row['lsd']:.4f} "
-           f"rsd {row['rsd']:.4f} ssd {row['ssd']:.4f}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s")
+    parts = " ".join(f"{k} {row[k]:.4f}" for k in terms[1:])
+    msg = (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.3g} "
+           f"{row['img_s']:.1f} img/s")
     if evaluated:
         msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
     if row["nonfinite_skipped"]:
@@ -82,8 +97,9 @@ def final_summary(t) -> str:
     from mskd_fast.collapse import advice, collapse_reasons
     from mskd_fast.reports import format_metrics, format_table
 
-    columns = ["epoch", "loss", "bce", "lsd", "rsd", "ssd", "img/s", "mAP", "OF1", "CF1", "skipped"]
-    keys = ["epoch", "loss", "bce", "lsd", "rsd", "ssd", "img_s", "mAP", "OF1", "CF1", "nonfinite_skipped"]
+    terms = list(getattr(t, "terms", TERMS))
+    columns = ["epoch", *terms, "img/s", "mAP", "OF1", "CF1", "skipped"]
+    keys = ["epoch", *terms, "img_s", "mAP", "OF1", "CF1", "nonfinite_skipped"]
     table = format_table([[r.get(k, float("nan")) for k in keys] for r in t.history], columns)
     last = t.history[-1]
     best = (f"best mAP {t.best['mAP']:.2f} at epoch {t.best['epoch']}"
