@@ -73,7 +73,7 @@ def _sign_kernel(order_ptr, u_ptr, k_ptr, count_ptr, k_value, n_counts, S, N,
 
 
 @triton.jit
-def _graph_kernel(o_ptr, u_ptr, z_ptr, S, C, o_sb, o_ss, layers,
+def _graph_kernel(o_ptr, u_ptr, z_ptr, S, C, o_sb, o_ss, layers, inv_crop_temperature,
                   SP: tl.constexpr, BLOCK_C: tl.constexpr):
     i = tl.program_id(0).to(tl.int64)
     s_idx = tl.arange(0, SP)
@@ -105,7 +105,7 @@ def _graph_kernel(o_ptr, u_ptr, z_ptr, S, C, o_sb, o_ss, layers,
         v = tl.load(u_base + cc[None, :], mask=m, other=0).to(tl.float32)
         for _ in range(0, layers):
             v = tl.sum(a_til[:, :, None] * v[None, :, :], axis=1)
-        v = tl.where(s_ok[:, None], v, float("-inf"))
+        v = tl.where(s_ok[:, None], v * inv_crop_temperature, float("-inf"))
         w = tl.exp(v - tl.max(v, axis=0)[None, :])
         w = w / tl.sum(w, axis=0)[None, :]
         ot = tl.load(o_base + cc[None, :], mask=m, other=0.0).to(tl.float32)
@@ -122,6 +122,7 @@ def _reconstruct_logits(
     k_mode: int,
     k_value: int,
     k_tensor: torch.Tensor,
+    crop_temperature: float,
 ) -> torch.Tensor:
     """``z (B, C)`` in ``patch_logits.dtype``; ``k_mode`` 0: ``k_value``, 1: ``k_tensor``, 2: ``S * sum(y)``."""
     b, s, c = patch_logits.shape
@@ -149,7 +150,7 @@ def _reconstruct_logits(
     block_c = min(_utils.next_pow2(c), max(16, _TILE // (sp * sp)))
     _utils.launch(
         _graph_kernel, (b,),
-        o, u, z, s, c, o.stride(0), o.stride(1), layers, SP=sp, BLOCK_C=block_c,
+        o, u, z, s, c, o.stride(0), o.stride(1), layers, 1.0 / crop_temperature, SP=sp, BLOCK_C=block_c,
         num_warps=_utils.warps_for(sp * sp * block_c),
     )
     return z
@@ -175,6 +176,7 @@ def reconstruct_logits(
     *,
     layers: int = 2,
     k: int | torch.Tensor | None = None,
+    crop_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Reconstructed logits ``z (B, C)`` of SPEC 4 (see :func:`mskd_fast.reference.reconstruct_logits`).
 
@@ -185,6 +187,7 @@ def reconstruct_logits(
         layers: propagation steps (``>= 0``).
         k: ``+1`` labels over the batch (int or 0-dim integer tensor), clamped to ``[0, B*S*C]``.
             A tensor on another device than the inputs (e.g. CPU) is copied without a host sync.
+        crop_temperature: the crop softmax is taken of ``propagated / crop_temperature`` (> 0; 1 = paper).
 
     Returns:
         ``z`` in ``patch_logits.dtype`` (float32 math), without gradient.
@@ -201,6 +204,8 @@ def reconstruct_logits(
     _utils.check_same_device(patch_logits=patch_logits, logits=logits, targets=targets)
     if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
         raise ValueError(f"layers must be an int >= 0, got {layers!r}")
+    if not (isinstance(crop_temperature, (int, float)) and 0 < crop_temperature < float("inf")):
+        raise ValueError(f"crop_temperature must be a finite number > 0, got {crop_temperature!r}")
     empty = torch.empty(0, dtype=torch.int64, device=patch_logits.device)
     if k is None:
         mode, value, k_tensor = _K_DEFAULT, 0, empty
@@ -215,5 +220,6 @@ def reconstruct_logits(
     else:
         raise TypeError(f"k must be an int, a 0-dim integer tensor or None, got {type(k).__name__}")
     return torch.ops.mskd.reconstruct_logits(
-        patch_logits.detach(), logits.detach(), targets.detach(), layers, mode, value, k_tensor.reshape(-1)
+        patch_logits.detach(), logits.detach(), targets.detach(), layers, mode, value, k_tensor.reshape(-1),
+        float(crop_temperature),
     )

@@ -263,14 +263,17 @@ def _batch_blocks(b: int, c: int) -> tuple[int, int]:
 
 @_utils.register_op("mskd::relation_loss_fwd")
 def _relation_loss_fwd(
-    student: torch.Tensor, teacher: torch.Tensor, delta: float
+    student: torch.Tensor, teacher: torch.Tensor, delta: float, batch_term: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss and the buffers its backward reads: ``Dp`` of r and o, ``Db`` of r and o, crop means, scalars."""
+    """Loss and the buffers its backward reads: ``Dp`` of r and o, ``Db`` of r and o, crop means, scalars.
+
+    ``batch_term=False`` leaves out the batch term (``terms="patch"``): ``Db`` is empty and never computed.
+    """
     b, s, c = student.shape
     student = _utils.rowwise(student)
     teacher = _utils.rowwise(teacher)
     dev = student.device
-    has_p, has_b = s > 1, b > 1
+    has_p, has_b = s > 1, b > 1 and batch_term
     sp, block_c = _image_blocks(s, c)
     bj, block_cb = _batch_blocks(b, c)
     n_tiles = triton.cdiv(b, bj) if has_b else 0
@@ -309,12 +312,13 @@ def _relation_loss_bwd(
     means: torch.Tensor,
     coef: torch.Tensor,
     delta: float,
+    batch_term: bool,
 ) -> torch.Tensor:
     """``grad_loss * d loss / d student`` (``(B, S, C)``, student dtype) from the forward's buffers."""
     b, s, c = student.shape
     student = _utils.rowwise(student)
     grad = _utils.new_output((b, s, c), student.dtype, student.device)
-    has_p, has_b = s > 1, b > 1
+    has_p, has_b = s > 1, b > 1 and batch_term
     sp, block_c = _image_blocks(s, c)
     bk = min(max(2, _utils.next_pow2(b)), max(2, _TILE // block_c))
     _utils.launch(
@@ -329,29 +333,32 @@ def _relation_loss_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    student, _, delta = inputs
+    student, _, delta, batch_term = inputs
     _, dp_r, dp_o, db_r, db_o, means, coef = output
-    ctx.delta = delta
+    ctx.delta, ctx.batch_term = delta, batch_term
     ctx.save_for_backward(student, dp_r, dp_o, db_r, db_o, means, coef)
     ctx.mark_non_differentiable(dp_r, dp_o, db_r, db_o, means, coef)
 
 
 def _backward(ctx, grad_loss, *_unused):
     student, dp_r, dp_o, db_r, db_o, means, coef = ctx.saved_tensors
-    grad = torch.ops.mskd.relation_loss_bwd(grad_loss, student, dp_r, dp_o, db_r, db_o, means, coef, ctx.delta)
-    return grad, None, None
+    grad = torch.ops.mskd.relation_loss_bwd(grad_loss, student, dp_r, dp_o, db_r, db_o, means, coef, ctx.delta,
+                                            ctx.batch_term)
+    return grad, None, None, None
 
 
 torch.library.register_autograd("mskd::relation_loss_fwd", _backward, setup_context=_setup_context)
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, delta: float = 1.0) -> torch.Tensor:
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, delta: float = 1.0,
+                  terms: str = "both") -> torch.Tensor:
     """Fused L-SD relation loss of SPEC 3 (see :func:`mskd_fast.reference.relation_loss`).
 
     Args:
         student: ``r (B, S, C)`` float32/bfloat16/float16 crop logits (gets the gradient).
         teacher: ``o (B, S, C)`` crop logits (constant).
         delta: Huber threshold (> 0).
+        terms: ``"both"`` or ``"patch"`` (within-image term only; the batch term is not computed).
 
     Returns:
         0-dim loss in ``student.dtype`` (as the reference; float32 math): Huber of normalised
@@ -364,5 +371,7 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, *, delta: float 
     _utils.check_same_device(student=student, teacher=teacher)
     if not delta > 0:
         raise ValueError(f"delta must be > 0, got {delta!r}")
-    loss, *_ = torch.ops.mskd.relation_loss_fwd(student, teacher.detach(), float(delta))
+    if terms not in ("both", "patch"):
+        raise ValueError(f"terms must be 'both' or 'patch', got {terms!r}")
+    loss, *_ = torch.ops.mskd.relation_loss_fwd(student, teacher.detach(), float(delta), terms == "both")
     return loss

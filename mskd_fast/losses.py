@@ -20,21 +20,29 @@ from ._validation import (
     check_targets,
 )
 from .ops.mbd import check_mbd_args
-from .reference import MBD_FORMS
+from .reference import LSD_TERMS, MBD_FORMS
 
 __all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
 
-# SPEC 6 recipes: the settings each one fixes; everything else is shared. ``iota`` of ``stable`` is the
-# value chosen by the accuracy study's validation rule (docs/ACCURACY.md).
+# SPEC 6 recipes: every setting a recipe fixes. ``iota`` of ``stable`` is the value chosen by the accuracy
+# study's validation rule (docs/ACCURACY.md). ``official`` reproduces the intent of the authors' public code
+# (../shared/notes/official-code.md): corner crops, iota = kappa = lambda = 1, one propagation layer, L-SD's
+# within-image term only, the R-SD teacher divided by S, the paper's MBD form. ``crop_mode`` is a setting of
+# the training step (``mskd_fast.step.StepConfig``), not of the loss.
 RECIPES = {
-    "stable": {"mbd_form": "divergence", "rsd_teacher_scale": "match", "iota": 0.15},
-    "paper": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.5},
+    "stable": {"mbd_form": "divergence", "rsd_teacher_scale": "match", "iota": 0.15, "kappa": 2.0, "lam": 2.0,
+               "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random"},
+    "paper": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.5, "kappa": 2.0, "lam": 2.0,
+              "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random"},
+    "official": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.0, "kappa": 1.0, "lam": 1.0,
+                 "layers": 1, "lsd_terms": "patch", "rsd_teacher_reduce": "mean", "crop_mode": "corners"},
 }
 _RSD_TEACHER_SCALES = ("match", "none")
+RSD_TEACHER_REDUCE = ("sum", "mean")
 
 
 def resolve_recipe(recipe: str, **overrides) -> dict:
-    """The recipe's settings (``mbd_form``, ``rsd_teacher_scale``, ``iota``) with non-``None`` overrides applied.
+    """The recipe's settings (the keys of ``RECIPES[recipe]``) with non-``None`` overrides applied.
 
     Raises ``ValueError`` for an unknown recipe or setting name.
     """
@@ -110,22 +118,28 @@ class MSKDLoss(nn.Module):
     ``"rsd"``, ``"ssd"`` to detached 0-dim tensors of the *unweighted* terms (0 when off).
     ``use_mbd=False`` replaces MBD by plain softmax KD in R-SD and S-SD (paper Table 3).
 
-    ``recipe`` (SPEC 6): ``"stable"`` (default: MBD ``form="divergence"``, R-SD teacher scale-matched to
-    ``q``, ``iota=0.15``) or ``"paper"`` (the equations as written: ``form="paper"``, no scale matching,
-    ``iota=1.5``). ``iota``, ``mbd_form`` and ``rsd_teacher_scale`` left at ``None`` take the recipe's
-    value; given explicitly they override it. The resolved values are attributes of the module.
+    ``recipe`` (SPEC 6, :data:`RECIPES`): ``"stable"`` (default: MBD ``form="divergence"``, R-SD teacher
+    scale-matched to ``q``, ``iota=0.15``), ``"paper"`` (the equations as written: ``form="paper"``, no
+    scale matching, ``iota=1.5``) or ``"official"`` (the authors' code's intent: ``iota=kappa=lam=1``,
+    ``layers=1``, ``lsd_terms="patch"``, ``rsd_teacher_reduce="mean"``, paper form). Every setting left at
+    ``None`` takes the recipe's value; given explicitly it overrides it. The resolved values are attributes.
+
+    ``lsd_terms``: ``"both"`` or ``"patch"`` (L-SD's within-image term only). ``rsd_teacher_reduce``:
+    ``"sum"`` (eq. 8) or ``"mean"`` (the reconstructed teacher divided by ``S``, as the authors' code).
+    ``rsd_crop_temperature``: temperature of the softmax over crops in the reconstruction (1 = paper; a
+    departure when not 1).
     """
 
     def __init__(
         self,
         iota: float | None = None,
-        kappa: float = 2.0,
-        lam: float = 2.0,
+        kappa: float | None = None,
+        lam: float | None = None,
         temperature: float = 4.0,
         omega: float = 0.5,
         gamma_pos: float = 0.25,
         gamma_neg: float = 1.0,
-        layers: int = 2,
+        layers: int | None = None,
         delta: float = 1.0,
         use_lsd: bool = True,
         use_rsd: bool = True,
@@ -134,15 +148,24 @@ class MSKDLoss(nn.Module):
         recipe: str = "stable",
         mbd_form: str | None = None,
         rsd_teacher_scale: str | None = None,
+        lsd_terms: str | None = None,
+        rsd_teacher_reduce: str | None = None,
+        rsd_crop_temperature: float = 1.0,
         backend: str = "auto",
     ) -> None:
         super().__init__()
         check_choice("recipe", recipe, tuple(RECIPES))
-        settings = resolve_recipe(recipe, iota=iota, mbd_form=mbd_form, rsd_teacher_scale=rsd_teacher_scale)
+        settings = resolve_recipe(recipe, iota=iota, kappa=kappa, lam=lam, layers=layers, mbd_form=mbd_form,
+                                  rsd_teacher_scale=rsd_teacher_scale, lsd_terms=lsd_terms,
+                                  rsd_teacher_reduce=rsd_teacher_reduce)
         check_choice("mbd_form", settings["mbd_form"], MBD_FORMS)
         check_choice("rsd_teacher_scale", settings["rsd_teacher_scale"], _RSD_TEACHER_SCALES)
+        check_choice("lsd_terms", settings["lsd_terms"], LSD_TERMS)
+        check_choice("rsd_teacher_reduce", settings["rsd_teacher_reduce"], RSD_TEACHER_REDUCE)
+        kappa, lam, layers = settings["kappa"], settings["lam"], settings["layers"]
         for name, weight in (("iota", settings["iota"]), ("kappa", kappa), ("lam", lam)):
             check_nonnegative(name, weight)
+        check_positive("rsd_crop_temperature", rsd_crop_temperature)
         check_mbd_args(temperature, omega, gamma_pos, gamma_neg, False, "mean", settings["mbd_form"])
         check_int("layers", layers, 0)
         check_positive("delta", delta)
@@ -151,6 +174,8 @@ class MSKDLoss(nn.Module):
         check_choice("backend", backend, BACKENDS)
         self.recipe = recipe
         self.mbd_form, self.rsd_teacher_scale = settings["mbd_form"], settings["rsd_teacher_scale"]
+        self.lsd_terms, self.rsd_teacher_reduce = settings["lsd_terms"], settings["rsd_teacher_reduce"]
+        self.rsd_crop_temperature = rsd_crop_temperature
         self.iota, self.kappa, self.lam = settings["iota"], kappa, lam
         self.temperature, self.omega, self.gamma_pos, self.gamma_neg = temperature, omega, gamma_pos, gamma_neg
         self.layers, self.delta = layers, delta
@@ -180,10 +205,13 @@ class MSKDLoss(nn.Module):
         total = bce
         lsd = rsd = ssd = zero
         if self.use_lsd:
-            lsd = ops.relation_loss(r, o, delta=self.delta, backend=self.backend)
+            lsd = ops.relation_loss(r, o, delta=self.delta, terms=self.lsd_terms, backend=self.backend)
             total = total + self.iota * lsd
         if self.use_rsd:
-            z = ops.reconstruct_logits(o, q.detach(), targets, layers=self.layers, backend=self.backend)
+            z = ops.reconstruct_logits(o, q.detach(), targets, layers=self.layers,
+                                       crop_temperature=self.rsd_crop_temperature, backend=self.backend)
+            if self.rsd_teacher_reduce == "mean":
+                z = z / o.shape[1]
             if self.rsd_teacher_scale == "match":
                 z = ops.match_logit_scale(z, q.detach())
             rsd = self.distill(q, z, targets)
@@ -197,5 +225,7 @@ class MSKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"recipe={self.recipe!r}, mbd_form={self.mbd_form!r}, rsd_teacher_scale={self.rsd_teacher_scale!r}, "
-            f"iota={self.iota}, kappa={self.kappa}, lam={self.lam}, temperature={self.temperature}"
+            f"iota={self.iota}, kappa={self.kappa}, lam={self.lam}, layers={self.layers}, "
+            f"lsd_terms={self.lsd_terms!r}, rsd_teacher_reduce={self.rsd_teacher_reduce!r}, "
+            f"rsd_crop_temperature={self.rsd_crop_temperature}, temperature={self.temperature}"
         )

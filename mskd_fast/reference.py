@@ -37,6 +37,7 @@ _DIST_EPS = 1e-12  # sqrt(. + eps) in the relation distances (SPEC 3)
 _NORM_EPS = 1e-12  # clamp of the relation normalisers (SPEC 3)
 _STD_EPS = 1e-6  # floor of the teacher's row std in match_logit_scale (SPEC 4 step 5)
 MBD_FORMS = ("divergence", "paper")
+LSD_TERMS = ("both", "patch")  # L-SD: SPEC 3's two terms, or the within-image term only (official recipe)
 
 
 def _masked_logsumexp(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -181,19 +182,25 @@ def _normalised(dist: torch.Tensor, count: int) -> torch.Tensor:
     return dist / (dist.sum() / count).clamp(min=_NORM_EPS)
 
 
-def relation_loss(student: torch.Tensor, teacher: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, delta: float = 1.0,
+                  terms: str = "both") -> torch.Tensor:
     """Locality relation loss L-SD (SPEC 3, paper eqs. 3-4).
 
     Args:
         student: ``r (B, S, C)`` crop logits of the student (ROI branch).
         teacher: ``o (B, S, C)`` crop logits of the teacher; receives no gradient.
         delta: Huber threshold.
+        terms: ``"both"`` (SPEC 3) or ``"patch"`` (the within-image term only, as the authors' code
+            uses it: the ``official`` recipe).
 
     Returns:
         Scalar: Huber between normalised within-image crop distances (mean over ``B*S*S``
-        entries) plus Huber between normalised distances of the per-image crop means (mean
-        over ``B*B`` entries). A term whose off-diagonal is empty (``S=1`` or ``B=1``) is 0.
+        entries) plus, with ``terms="both"``, Huber between normalised distances of the per-image
+        crop means (mean over ``B*B`` entries). A term whose off-diagonal is empty (``S=1`` or
+        ``B=1``) is 0.
     """
+    if terms not in LSD_TERMS:
+        raise ValueError(f"terms must be one of {LSD_TERMS}, got {terms!r}")
     teacher = teacher.detach()
     b, s, _ = student.shape
     total = (student * 0).sum()
@@ -202,7 +209,7 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, delta: float = 1
         dp_s = _normalised(pairwise_distances(student), count)
         dp_t = _normalised(pairwise_distances(teacher), count)
         total = total + F.huber_loss(dp_s, dp_t, delta=delta, reduction="mean")
-    if b > 1:
+    if b > 1 and terms == "both":
         count = b * (b - 1)
         db_s = _normalised(pairwise_distances(student.mean(dim=1)), count)
         db_t = _normalised(pairwise_distances(teacher.mean(dim=1)), count)
@@ -264,17 +271,20 @@ def reconstruct_logits(
     targets: torch.Tensor,
     layers: int = 2,
     k: int | torch.Tensor | None = None,
+    crop_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Reconstructed teacher logits ``z (B, C)`` for R-SD (SPEC 4), without gradient.
 
     ``o = patch_logits (B, S, C)``, ``q = logits (B, C)``, ``targets (B, C)``; ``k`` defaults to
-    ``S * sum(targets)``. ``z_i = sum_s softmax_s(propagate(u))[s] * o_is``.
+    ``S * sum(targets)``. ``z_i = sum_s softmax_s(propagate(u) / crop_temperature)[s] * o_is``;
+    ``crop_temperature = 1`` is the paper (eq. 8); below 1 the crop weights are sharper (a departure
+    from the paper, an option of the accuracy study).
     """
     o = patch_logits.detach()
     if k is None:
         k = default_k(targets, o.shape[1])
     u = pseudo_labels(o, logits, k)
-    weights = torch.softmax(propagate(o, u, layers), dim=1)
+    weights = torch.softmax(propagate(o, u, layers) / crop_temperature, dim=1)
     return (weights * o).sum(dim=1)
 
 

@@ -81,6 +81,8 @@ def merge_resume_args(args: argparse.Namespace, explicit: set[str], blob: dict):
     merged = argparse.Namespace(**saved)
     if "recipe" not in saved:  # written before the recipes existed: those runs used the paper's equations
         merged.recipe, merged.mbd_form, merged.rsd_teacher_scale = "paper", "paper", "none"
+    if "lsd_terms" not in saved:  # written before the official recipe: SPEC 3/4 as they were then
+        merged.lsd_terms, merged.rsd_teacher_reduce, merged.rsd_crop_temperature = "both", "sum", 1.0
     for key in RESUME_OVERRIDABLE:
         if key in explicit or key == "resume":
             setattr(merged, key, getattr(args, key))
@@ -212,7 +214,7 @@ def restore_state(trainer, blob: dict) -> list[str]:
         t.step.q_prev = None if q is None else q.to(t.device)
     acc = blob.get("epoch_acc")
     if acc and t.step_in_epoch > 0:
-        t.epoch_stats = EpochStats.from_state(acc, t.device, t.terms)
+        t.epoch_stats = EpochStats.from_state(acc, t.device)
     if t.epoch >= t.args.epochs:
         raise ResumeError(f"--resume: the checkpoint already completed {t.epoch} epochs "
                           f"(--epochs {t.args.epochs}); pass a larger --epochs to continue")

@@ -229,7 +229,7 @@ class TrainStep:
     Args:
         model: the student ``MSKDModel``, possibly wrapped in DDP; ``model(x, boxes) -> (q, r)``.
         teacher: ``eval_twin`` of the (unwrapped) student: same tensors, eval behaviour.
-        loss_fn: ``MSKDLoss`` configured with the same switches as ``config``.
+        loss_fn: ``MSKDLoss`` configured with the same switches as ``config`` (``None`` for a method object).
         optimizer: SGD from :func:`build_optimizer` (fused, so non-finite steps skip on the device).
         scheduler: per-step LR scheduler (or ``None``).
         config: :class:`StepConfig`.

@@ -48,7 +48,7 @@ from mskd_fast.distributed import (
 )
 from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state, same_batch
 from mskd_fast.train_args import build_parser, explicit_flags, resolve_defaults, validate
-from mskd_fast.train_log import TERMS, run_terms, say
+from mskd_fast.train_log import TERMS, say, terms_for
 
 __all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
@@ -74,7 +74,7 @@ class EpochStats:
     """Running sums of one epoch (device tensors until read). Loss sums skip non-finite steps."""
 
     sums: dict = field(default_factory=dict)
-    terms: tuple = TERMS  # the loss columns of this run ("loss" = the step's total)
+    terms: tuple = TERMS  # the method's loss columns (train_log.terms_for)
     steps: int = 0
     skipped: int = 0  # unused; the device count is ``sums["skipped"]``
     samples: int = 0
@@ -91,7 +91,7 @@ class EpochStats:
         self.steps += 1
 
     def means(self) -> torch.Tensor:
-        """Device float64 tensor: the TERMS means over the steps that counted (NaN if none), then the skip count."""
+        """Device float64 tensor: the ``terms`` means over the steps that counted (NaN if none), then the skip count."""
         skipped = self.sums["skipped"].double()
         counted = self.steps - skipped
         sums = torch.stack([self.sums[k].double() for k in self.terms])
@@ -100,14 +100,14 @@ class EpochStats:
 
     def state(self) -> dict:
         """Plain-data copy for a mid-epoch checkpoint (``epoch_acc``): sums as floats (one host sync)."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "steps": self.steps,
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "terms": list(self.terms), "steps": self.steps,
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
     def from_state(cls, state: dict, device, terms: tuple = TERMS) -> EpochStats:
         """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
-        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()}, terms=terms,
-                   steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
+        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
+                   terms=tuple(state.get("terms", TERMS)), steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
                    train_time=state["train_time"])
 
 
@@ -200,15 +200,18 @@ class Trainer:
             self.method = build_method(args.method, train_model, args, num_samples=len(self.train_index),
                                        epochs=args.epochs, generator=self.box_generator)
             self.method.sync_gradients()
-        self.terms = run_terms(args.method)
+        self.terms = terms_for(args.method)
         use = dict(use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd)
         if args.method != "mskd":
             use = dict(use_lsd=False, use_rsd=False, use_ssd=False)
-        loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
-                           omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
-                           layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
-                           recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
-                           backend=args.loss_backend, **use)
+        loss_fn = None  # a method object owns its loss
+        if self.method is None:
+            loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
+                               omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
+                               layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
+                               recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
+                               lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
+                               rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
                             channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
@@ -453,7 +456,7 @@ class Trainer:
         self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
         if self.ctx.is_main:
             self._write_reports()
-            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, terms=self.terms))
+            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, self.terms))
 
     def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
         """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""

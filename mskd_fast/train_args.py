@@ -27,7 +27,7 @@ from mskd_fast.losses import RECIPES, resolve_recipe
 from mskd_fast.methods import METHODS, add_method_args, validate_method_args
 from mskd_fast.models import check_model
 
-__all__ = ["DEMO_CPU", "DEMO_GPU", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
+__all__ = ["DEMO_CPU", "DEMO_GPU", "RECIPE_FLAGS", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
 
 # Demo profiles for the synthetic dataset (keys are argparse dests). Sized from measurements on a
 # 2-core CPU and one H100; see docs and the trainer's printout.
@@ -43,6 +43,12 @@ PAPER = {
     "model": "resnet34", "img_size": 224, "batch_size": 64, "epochs": 80, "lr": 0.01, "warmup_epochs": 0,
 }
 PAPER_COCO = {"batch_size": 128, "lr": 0.1}
+
+
+# argparse dest -> key of mskd_fast.losses.RECIPES: flags whose default (None) comes from --recipe
+RECIPE_FLAGS = {"mbd_form": "mbd_form", "rsd_teacher_scale": "rsd_teacher_scale", "iota": "iota", "kappa": "kappa",
+                "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms", "rsd_teacher_reduce": "rsd_teacher_reduce",
+                "crop_mode": "crop_mode"}
 
 
 class ParseKwargs(argparse.Action):
@@ -150,14 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = p.add_argument_group("MSKD (SPEC defaults)")
     k.add_argument("--method", choices=("mskd", "vanilla", *METHODS), default="mskd",
-                   help="MSKD, plain BCE (vanilla), or one of the paper's comparison methods (tfkd, pskd, dlb, ...: "
-                        "their flags below, docs/METHODS.md); everything else is shared, for fair comparisons")
+                   help="MSKD, plain BCE (vanilla), or one of the paper's comparison methods (tfkd, pskd, dlb, "
+                        "ud, ...: their flags below, docs/METHODS.md; ud is also the label-push control of "
+                        "docs/ACCURACY.md); everything else is shared, for fair comparisons")
     k.add_argument("--recipe", choices=tuple(RECIPES), default="stable",
                    help="stable: MBD as a true divergence, R-SD teacher scale-matched, iota=0.15 (use this; "
                         "it does not collapse from scratch). paper: the paper's equations as written "
                         "(MBD form paper, no scale matching, iota=1.5); use it to compare with the paper, "
-                        "with --pretrained backbones. --mbd-form, --rsd-teacher-scale and --iota override "
-                        "single settings")
+                        "with --pretrained backbones. official: the intent of the authors' public code (corner "
+                        "crops, iota=kappa=lambda=1, 1 graph layer, L-SD within-image term only, R-SD teacher "
+                        "averaged over crops, paper MBD form). Every recipe setting can be overridden by its "
+                        "own flag (--mbd-form, --rsd-teacher-scale, --iota, --kappa, --lambda, --gp-layers, "
+                        "--lsd-terms, --rsd-teacher-reduce, --crop-mode)")
     k.add_argument("--mbd-form", choices=("divergence", "paper"), default=None,
                    help="MBD per-term form (SPEC 2): weighted generalized KL or eq. 14 as written "
                         "(default: from --recipe)")
@@ -165,18 +175,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="R-SD teacher logits re-scaled to the student's row spread (match) or not (none) "
                         "(SPEC 4; default: from --recipe)")
     k.add_argument("--crops", type=int, default=4, help="S: crops per image")
-    k.add_argument("--crop-mode", choices=("random", "corners"), default="random",
-                   help="random-resized-crop boxes (area 20-30%%, aspect 2/5-5/3) or the 4 quarter corners")
+    k.add_argument("--crop-mode", choices=("random", "corners"), default=None,
+                   help="random-resized-crop boxes (area 20-30%%, aspect 2/5-5/3) or the 4 quarter corners "
+                        "(default: from --recipe: official corners, else random)")
     k.add_argument("--temperature", type=float, default=4.0, help="T of the MBD loss")
     k.add_argument("--omega", type=float, default=0.5, help="omega of the MBD weights")
     k.add_argument("--gamma-pos", type=float, default=0.25, help="gamma+ of the MBD weights (positives)")
     k.add_argument("--gamma-neg", type=float, default=1.0, help="gamma- of the MBD weights (negatives)")
-    k.add_argument("--gp-layers", type=int, default=2, help="graph propagation layers of R-SD")
+    k.add_argument("--gp-layers", type=int, default=None,
+                   help="graph propagation layers of R-SD (default: from --recipe: official 1, else 2)")
+    k.add_argument("--lsd-terms", choices=("both", "patch"), default=None,
+                   help="L-SD terms: within-image and batch (both, SPEC 3) or within-image only (patch, the "
+                        "authors' code) (default: from --recipe: official patch, else both)")
+    k.add_argument("--rsd-teacher-reduce", choices=("sum", "mean"), default=None,
+                   help="R-SD teacher: eq. 8's weighted sum over crops, or that sum divided by S (mean, the "
+                        "authors' code) (default: from --recipe: official mean, else sum)")
+    k.add_argument("--rsd-crop-temperature", type=float, default=1.0,
+                   help="temperature of R-SD's softmax over crops (1 = paper eq. 8; below 1 sharpens the crop "
+                        "weights: a departure from the paper, studied in docs/ACCURACY.md)")
     k.add_argument("--delta", type=float, default=1.0, help="Huber delta of L-SD")
     k.add_argument("--iota", type=float, default=None,
                    help="weight of L-SD (relation) (default: from --recipe: stable 0.15, paper 1.5)")
-    k.add_argument("--kappa", type=float, default=2.0, help="weight of R-SD (reconstruction)")
-    k.add_argument("--lambda", dest="lam", type=float, default=2.0, help="weight of S-SD (step)")
+    k.add_argument("--kappa", type=float, default=None,
+                   help="weight of R-SD (reconstruction) (default: from --recipe: official 1, else 2)")
+    k.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="weight of S-SD (step) (default: from --recipe: official 1, else 2)")
     k.add_argument("--no-lsd", action="store_true", help="ablation: drop L-SD")
     k.add_argument("--no-rsd", action="store_true", help="ablation: drop R-SD")
     k.add_argument("--no-ssd", action="store_true", help="ablation: drop S-SD")
@@ -258,12 +281,12 @@ def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool
     if args.amp and args.amp_dtype == "bfloat16" and not on_cuda and not cpu_has_native_bf16():
         notes.append("this CPU has no native bfloat16 (AVX512-BF16/AMX): --amp bf16 is emulated and may be "
                      "slower than fp32 here")
-    recipe = resolve_recipe(args.recipe, iota=args.iota, mbd_form=args.mbd_form,
-                            rsd_teacher_scale=args.rsd_teacher_scale)
-    overridden = [k for k in ("iota", "mbd_form", "rsd_teacher_scale") if getattr(args, k) is not None]
-    args.iota, args.mbd_form, args.rsd_teacher_scale = recipe["iota"], recipe["mbd_form"], recipe["rsd_teacher_scale"]
-    notes.append(f"recipe {args.recipe}: mbd_form={args.mbd_form}, rsd_teacher_scale={args.rsd_teacher_scale}, "
-                 f"iota={args.iota}" + (f" (set by flag: {', '.join(overridden)})" if overridden else ""))
+    recipe = resolve_recipe(args.recipe, **{key: getattr(args, dest) for dest, key in RECIPE_FLAGS.items()})
+    overridden = [dest for dest in RECIPE_FLAGS if getattr(args, dest) is not None]
+    for dest, key in RECIPE_FLAGS.items():
+        setattr(args, dest, recipe[key])
+    notes.append(f"recipe {args.recipe}: " + ", ".join(f"{dest}={getattr(args, dest)}" for dest in RECIPE_FLAGS)
+                 + (f" (set by flag: {', '.join(overridden)})" if overridden else ""))
     if args.compile is None:
         args.compile = on_cuda
         notes.append(f"compile={args.compile} ({'CUDA' if on_cuda else 'CPU'} device)")
@@ -315,6 +338,8 @@ def validate(args: argparse.Namespace) -> None:
     _need(finite(args.gamma_neg) and args.gamma_neg >= 0, "--gamma-neg", ">= 0", args.gamma_neg)
     _need(args.gp_layers >= 0, "--gp-layers", ">= 0", args.gp_layers)
     _need(finite(args.delta) and args.delta > 0, "--delta", "> 0", args.delta)
+    _need(finite(args.rsd_crop_temperature) and args.rsd_crop_temperature > 0, "--rsd-crop-temperature", "> 0",
+          args.rsd_crop_temperature)
     for flag, value in (("--iota", args.iota), ("--kappa", args.kappa), ("--lambda", args.lam)):
         _need(finite(value) and value >= 0, flag, "a finite number >= 0", value)
     _need(args.log_interval >= 1, "--log-interval", ">= 1", args.log_interval)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "run_terms", "say"]
+__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "say", "terms_for"]
 
-TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # the loss columns of mskd and vanilla runs
+TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # mskd and vanilla (vanilla's SD terms are 0)
 
 
-def run_terms(method: str) -> tuple[str, ...]:
-    """The loss columns of a run of ``method``: :data:`TERMS` for mskd/vanilla, else ``loss`` + the method's terms."""
+def terms_for(method: str) -> tuple[str, ...]:
+    """The loss columns (epoch means in summary.csv, the epoch line) of ``--method``: ``loss`` first.
+
+    :data:`TERMS` for mskd/vanilla; ``loss`` and the method object's ``terms`` for the others
+    (:mod:`mskd_fast.methods`).
+    """
     if method in ("mskd", "vanilla"):
         return TERMS
     from mskd_fast.methods import method_terms
@@ -47,7 +51,8 @@ def header(t) -> str:
         lines.append(f"  MSKD recipe {a.recipe}: MBD form {a.mbd_form}, R-SD teacher scale {a.rsd_teacher_scale} | "
                      f"S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
                      f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
-                     f"kappa={a.kappa} lambda={a.lam} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
+                     f"kappa={a.kappa} lambda={a.lam} L-SD terms {a.lsd_terms} R-SD teacher {a.rsd_teacher_reduce} "
+                     f"crop-T {a.rsd_crop_temperature} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                      f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
     elif getattr(t, "method", None) is not None:
         lines.append(f"  {t.method.title}: {t.method.describe()}")
@@ -66,22 +71,19 @@ def header(t) -> str:
 def progress_text(method: str, means: dict, rate: float, skipped: int) -> str:
     """``loss 0.6931 bce 0.6931 ... 312.0 img/s [skipped N]`` for a progress bar or log line."""
     shown = {"loss": means["loss"], "bce": means["bce"]}
-    if method == "mskd":
-        shown.update(lsd=means["lsd"], rsd=means["rsd"], ssd=means["ssd"])
-    elif method != "vanilla":
-        shown = dict(means)
+    if method != "vanilla":
+        shown.update({k: means[k] for k in terms_for(method) if k not in shown})
     text = " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + f" {rate:.1f} img/s"
     return text + (f" skipped {skipped}" if skipped else "")
 
 
 def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str],
-               terms: tuple = TERMS) -> str:
-    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the run's loss columns)."""
+               terms: tuple[str, ...] = TERMS) -> str:
+    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the method's loss columns)."""
     from mskd_fast.reports import format_metrics
 
     parts = " ".join(f"{k} {row[k]:.4f}" for k in terms[1:])
-    msg = (f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.3g} "
-           f"{row['img_s']:.1f} img/s")
+    msg = f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s"
     if evaluated:
         msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
     if row["nonfinite_skipped"]:
@@ -97,7 +99,7 @@ def final_summary(t) -> str:
     from mskd_fast.collapse import advice, collapse_reasons
     from mskd_fast.reports import format_metrics, format_table
 
-    terms = list(getattr(t, "terms", TERMS))
+    terms = list(terms_for(t.args.method))
     columns = ["epoch", *terms, "img/s", "mAP", "OF1", "CF1", "skipped"]
     keys = ["epoch", *terms, "img_s", "mAP", "OF1", "CF1", "nonfinite_skipped"]
     table = format_table([[r.get(k, float("nan")) for k in keys] for r in t.history], columns)

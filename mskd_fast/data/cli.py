@@ -24,13 +24,16 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--dataset",
         choices=DATASETS,
         default="synthetic",
-        help="dataset to train/evaluate on (synthetic: the built-in multi-scale dataset)",
+        help="dataset to train/evaluate on (synthetic: the built-in multi-scale dataset of coloured shapes; "
+        "fashion-multi: the built-in real-object dataset, Fashion-MNIST composites, needs the Debian package "
+        "dataset-fashion-mnist or --data-dir)",
     )
     g.add_argument(
         "--data-dir",
         default=None,
         help="dataset folder (voc: holds VOCdevkit/ or is VOC2007/; coco: holds train2014/ val2014/ "
-        "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder)",
+        "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder; fashion-multi: folder of the Fashion-MNIST IDX files, default "
+        "/usr/share/datasets/fashion-mnist)",
     )
     g.add_argument("--train-split", default=None, help="training split; unset: trainval for voc, train otherwise")
     g.add_argument("--eval-split", default=None, help="evaluation split; unset: test (for coco that is val2014)")
@@ -55,30 +58,30 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--synthetic-size",
         type=int,
         default=SyntheticConfig.train_size,
-        help="synthetic dataset: number of training images",
+        help="generated datasets (synthetic, fashion-multi): number of training images",
     )
     g.add_argument(
         "--synthetic-test-size",
         type=int,
         default=None,
-        help="synthetic dataset: number of test images; unset: 30%% of --synthetic-size",
+        help="generated datasets: number of test images; unset: 30%% of --synthetic-size",
     )
     g.add_argument(
         "--synthetic-img-size",
         type=int,
         default=SyntheticConfig.img_size,
-        help="synthetic dataset: image side in pixels",
+        help="generated datasets: image side in pixels",
     )
     g.add_argument(
         "--synthetic-seed",
         type=int,
         default=SyntheticConfig.seed,
-        help="synthetic dataset: generator seed",
+        help="generated datasets: generator seed",
     )
     g.add_argument(
         "--synthetic-cache",
         default=None,
-        help="synthetic dataset: cache folder; unset: $MSKD_FAST_CACHE or ~/.cache/mskd_fast",
+        help="generated datasets: cache folder; unset: $MSKD_FAST_CACHE or ~/.cache/mskd_fast",
     )
     return g
 

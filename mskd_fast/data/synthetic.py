@@ -18,17 +18,15 @@ into place, with ``mskd_synthetic.json`` recording the config; later runs reuse 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .index import DatasetError
+from .generated import JPEG_QUALITY, cache_root as _cache_root
+from .generated import ensure_generated, write_voc_split
 
 GENERATOR_VERSION = 1
 META_FILE = "mskd_synthetic.json"
@@ -36,7 +34,6 @@ SPLITS = ("train", "test")
 MIN_SIDE_FRAC = 0.045
 MAX_AREA_FRAC = 0.5
 MAX_OBJECTS = 5
-JPEG_QUALITY = 90
 
 COLOURS = {"red": (205, 40, 40), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (225, 200, 35)}
 TEXTURES = ("solid", "stripes", "checker", "dots")
@@ -109,8 +106,7 @@ class SyntheticConfig:
 
 def cache_root(config: SyntheticConfig) -> str:
     """The cache folder: ``config.cache_dir``, else ``$MSKD_FAST_CACHE``, else ``~/.cache/mskd_fast``."""
-    root = config.cache_dir or os.environ.get("MSKD_FAST_CACHE") or os.path.join("~", ".cache", "mskd_fast")
-    return os.path.abspath(os.path.expanduser(root))
+    return _cache_root(config.cache_dir)
 
 
 def synthetic_dir(config: SyntheticConfig) -> str:
@@ -243,21 +239,6 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
 # ---------------------------------------------------------------------------------------------
 
 
-def _annotation_xml(image_id: str, size: int, boxes: np.ndarray, classes: np.ndarray) -> str:
-    objects = "".join(
-        f"  <object>\n    <name>{SYNTHETIC_CLASSES[c]}</name>\n    <pose>Unspecified</pose>\n"
-        f"    <truncated>0</truncated>\n    <difficult>0</difficult>\n    <bndbox>\n"
-        f"      <xmin>{x1 + 1}</xmin>\n      <ymin>{y1 + 1}</ymin>\n      <xmax>{x2}</xmax>\n      <ymax>{y2}</ymax>\n"
-        f"    </bndbox>\n  </object>\n"
-        for (x1, y1, x2, y2), c in zip(boxes.tolist(), classes.tolist())
-    )
-    return (
-        f"<annotation>\n  <folder>synthetic</folder>\n  <filename>{image_id}.jpg</filename>\n"
-        f"  <size>\n    <width>{size}</width>\n    <height>{size}</height>\n    <depth>3</depth>\n  </size>\n"
-        f"{objects}</annotation>\n"
-    )
-
-
 def _split_code(split: str) -> int:
     return SPLITS.index(split)
 
@@ -267,47 +248,16 @@ def image_rng(seed: int, split: str, i: int) -> np.random.Generator:
     return np.random.default_rng([seed, _split_code(split), i])
 
 
+def _split_images(config: SyntheticConfig, split: str):
+    for i in range(config.split_size(split)):
+        image, boxes, classes = render_image(image_rng(config.seed, split, i), config.img_size)
+        yield f"{split}_{i:06d}", image, boxes, classes
+
+
 def generate_synthetic(config: SyntheticConfig, out_dir: str) -> None:
-    """Write the whole dataset for ``config`` into the (existing, empty) folder ``out_dir``."""
-    jpeg_dir = os.path.join(out_dir, "JPEGImages")
-    ann_dir = os.path.join(out_dir, "Annotations")
-    sets_dir = os.path.join(out_dir, "ImageSets", "Main")
-    for d in (jpeg_dir, ann_dir, sets_dir):
-        os.makedirs(d, exist_ok=True)
+    """Write the whole dataset for ``config`` (without its meta file) into the existing folder ``out_dir``."""
     for split in SPLITS:
-        ids, present = [], []
-        for i in range(config.split_size(split)):
-            image_id = f"{split}_{i:06d}"
-            image, boxes, classes = render_image(image_rng(config.seed, split, i), config.img_size)
-            Image.fromarray(image, "RGB").save(os.path.join(jpeg_dir, f"{image_id}.jpg"), quality=JPEG_QUALITY)
-            with open(os.path.join(ann_dir, f"{image_id}.xml"), "w", encoding="utf-8") as f:
-                f.write(_annotation_xml(image_id, config.img_size, boxes, classes))
-            ids.append(image_id)
-            present.append(set(classes.tolist()))
-        with open(os.path.join(sets_dir, f"{split}.txt"), "w", encoding="utf-8") as f:
-            f.write("".join(f"{i}\n" for i in ids))
-        for c, name in enumerate(SYNTHETIC_CLASSES):
-            with open(os.path.join(sets_dir, f"{name}_{split}.txt"), "w", encoding="utf-8") as f:
-                f.write("".join(f"{i} {' 1' if c in p else '-1'}\n" for i, p in zip(ids, present)))
-    with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
-        json.dump(config.meta(), f, indent=1)
-
-
-def _check_meta(root: str, config: SyntheticConfig) -> None:
-    path = os.path.join(root, META_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DatasetError(
-            f"synthetic dataset folder {root} exists but {META_FILE} cannot be read ({exc}); delete the folder "
-            "to regenerate it"
-        ) from None
-    if meta != config.meta():
-        raise DatasetError(
-            f"synthetic dataset folder {root} was generated with a different config ({meta}); delete it to "
-            "regenerate it"
-        )
+        write_voc_split(out_dir, split, _split_images(config, split), SYNTHETIC_CLASSES, "synthetic")
 
 
 def ensure_synthetic(config: SyntheticConfig) -> str:
@@ -316,23 +266,5 @@ def ensure_synthetic(config: SyntheticConfig) -> str:
     Generation writes into a temporary sibling folder and renames it into place, so a folder that
     exists is complete; concurrent generators (e.g. DDP ranks) are safe, the first rename wins.
     """
-    root = synthetic_dir(config)
-    if os.path.isdir(root):
-        _check_meta(root, config)
-        return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(root)}-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
-        generate_synthetic(config, tmp)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not os.path.isdir(root):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    _check_meta(root, config)
-    return root
+    return ensure_generated(synthetic_dir(config), config.meta(), lambda tmp: generate_synthetic(config, tmp),
+                            META_FILE)

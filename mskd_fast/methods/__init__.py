@@ -15,27 +15,32 @@ import argparse
 
 from mskd_fast.methods.base import MethodFlag, SelfDistillationMethod
 from mskd_fast.methods.dlb import DLB, dlb_loss
+from mskd_fast.methods.partial_softmax import PartialSoftmaxBCELoss, partial_softmax_loss
 from mskd_fast.methods.pskd import PSKD, pskd_alpha, pskd_loss
 from mskd_fast.methods.tfkd import TFKD, tfkd_loss
+from mskd_fast.methods.ud import UD
 
 __all__ = [
     "DLB",
     "METHODS",
     "PSKD",
     "TFKD",
+    "UD",
     "MethodFlag",
+    "PartialSoftmaxBCELoss",
     "SelfDistillationMethod",
     "add_method_args",
     "build_method",
     "dlb_loss",
     "method_terms",
+    "partial_softmax_loss",
     "pskd_alpha",
     "pskd_loss",
     "tfkd_loss",
     "validate_method_args",
 ]
 
-METHODS: dict[str, type[SelfDistillationMethod]] = {cls.name: cls for cls in (TFKD, PSKD, DLB)}
+METHODS: dict[str, type[SelfDistillationMethod]] = {cls.name: cls for cls in (TFKD, PSKD, DLB, UD)}
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validation import check_float, check_int, check_nonempty, check_rank, check_same_device, check_targets
+from .._validation import (
+    check_float,
+    check_int,
+    check_nonempty,
+    check_positive,
+    check_rank,
+    check_same_device,
+    check_targets,
+)
 from ._backend import use_triton
 from .relation import check_crop_logits
 
@@ -57,6 +65,7 @@ def reconstruct_logits(
     *,
     layers: int = 2,
     k=None,
+    crop_temperature: float = 1.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Reconstructed teacher logits ``z (B, C)`` for R-SD (SPEC 4), without gradient.
@@ -67,6 +76,8 @@ def reconstruct_logits(
         targets: ``(B, C)`` multi-hot labels; ``k`` defaults to ``S * targets.sum()``.
         layers: propagation steps (``>= 0``).
         k: number of ``+1`` (and ``-1``) pseudo labels over the batch, int or 0-dim tensor.
+        crop_temperature: temperature of the softmax over crops (> 0); 1 is the paper's eq. 8, below 1
+            sharpens the crop weights (a labelled departure, ``--rsd-crop-temperature``).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
     """
     _check_graph_inputs(patch_logits, logits)
@@ -74,11 +85,14 @@ def reconstruct_logits(
     check_same_device(patch_logits=patch_logits, targets=targets)
     check_int("layers", layers, 0)
     _check_k(k, patch_logits.numel())
+    check_positive("crop_temperature", crop_temperature)
     if use_triton(backend, patch_logits, logits, targets):
         from mskd_fast import kernels
 
-        return kernels.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k)
-    return reference.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k)
+        return kernels.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k,
+                                          crop_temperature=crop_temperature)
+    return reference.reconstruct_logits(patch_logits, logits, targets, layers=layers, k=k,
+                                        crop_temperature=crop_temperature)
 
 
 def match_logit_scale(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
