@@ -105,6 +105,11 @@ def test_method_trains_reports_its_terms_and_resumes_exactly(method, cache, tmp_
     (["--method", "pskd", "--pskd-alpha", "1.5"], "--pskd-alpha must be in"),
     (["--method", "dlb", "-b", "1"], "--batch-size must be >= 2 with --method dlb"),
     (["--method", "dlb", "--dlb-alpha", "-1"], "--dlb-alpha must be"),
+    (["--method", "ddgsd", "--ddgsd-temperature", "-2"], "--ddgsd-temperature must be"),
+    (["--method", "uskd", "--uskd-mu", "nan"], "--uskd-mu must be"),
+    (["--method", "ud", "--ud-weight", "-0.5"], "--ud-weight must be"),
+    (["--method", "mulsupcon", "--mulsupcon-queue", "0"], "--mulsupcon-queue must be an int >= 1"),
+    (["--method", "mulsupcon", "--mulsupcon-momentum", "1.5"], "--mulsupcon-momentum must be in [0, 1]"),
 ])
 def test_bad_method_flags_fail_before_training(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

@@ -108,10 +108,14 @@ def test_a_non_finite_step_changes_no_parameter_statistic_or_method_state(name):
     x2, y2, ids2 = _batch(seed=2)
     out = step(bad, y2, sample_ids=ids2, epoch=0)
     assert out["skipped"] == 1
+    # floating tensors: parameters, BN statistics (rolled back), banks, queues, key encoders; the integer
+    # num_batches_tracked counters are not rolled back (as for MSKD: timm's BN uses a fixed momentum)
     for key, value in model.state_dict().items():
-        assert torch.equal(value, model_state[key]) or (value.isnan() == model_state[key].isnan()).all(), key
+        if value.is_floating_point():
+            assert torch.equal(value, model_state[key]), key
     for key, value in step.state_dict()["method"].items():
-        assert torch.equal(value, step_state["method"][key]), f"{name} state {key} changed by a skipped step"
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, step_state["method"][key]), f"{name} state {key} changed by a skipped step"
     out = step(x2, y2, sample_ids=ids2, epoch=0)  # and the run goes on
     assert out["skipped"] == 0 and torch.isfinite(out["total"])
 
@@ -240,3 +244,98 @@ def test_dlb_term_is_masked_after_a_skipped_step_and_rank_state_round_trips():
     assert set(state) == {"images", "logits", "valid"} and state["images"].shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="batch size"):
         method(x[:1], y[:1], sample_ids=ids[:1], epoch=0)
+
+
+# ------------------------------------------------------------------------------------------- DDGSD
+def test_ddgsd_forwards_the_loaders_view_and_a_distorted_one_in_one_batch():
+    model, method, _ = _setup("ddgsd", lr=0.0)
+    x, y, ids = _batch(seed=10)
+    state = method.generator.get_state()
+    out = method(x, y, sample_ids=ids, epoch=0)
+    from mskd_fast.methods._common import distorted_view, sample_view
+
+    method.generator.set_state(state)
+    boxes, flips = sample_view(4, 64, 64, method.generator, "cpu")
+    area = (boxes[:, 0, 2] - boxes[:, 0, 0]) * (boxes[:, 0, 3] - boxes[:, 0, 1]) / 64**2
+    assert (area >= 0.6 - 1e-5).all() and (area <= 1 + 1e-5).all()
+    logits, feats = model(torch.cat([x, distorted_view(x, boxes, flips)]), with_features=True)
+    torch.testing.assert_close(out["logits"], logits[:4])
+    torch.testing.assert_close(out["bce2"], F.binary_cross_entropy_with_logits(logits[4:], y).detach())
+    gap = feats[:4].float().mean(0) - feats[4:].float().mean(0)
+    torch.testing.assert_close(out["mmd"], gap.square().sum().detach(), rtol=1e-5, atol=1e-8)
+
+
+def test_distorted_view_flips_and_crops_as_asked():
+    from mskd_fast.methods._common import distorted_view
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    full = torch.tensor([[[0.0, 0.0, 8.0, 8.0]], [[0.0, 0.0, 8.0, 8.0]]])
+    out = distorted_view(x, full, torch.tensor([False, True]))
+    torch.testing.assert_close(out[0], x[0])
+    torch.testing.assert_close(out[1], x[1].flip(-1))
+    left = distorted_view(x, torch.tensor([[[0.0, 0.0, 4.0, 8.0]]] * 2), torch.tensor([False, False]))
+    assert left[0, 0, 0, 0] == x[0, 0, 0, 0] and left[0, 0, 0, -1] < x[0, 0, 0, 4]
+
+
+# -------------------------------------------------------------------------------------------- USKD
+def test_uskd_aux_head_reads_the_second_to_last_stage_and_is_trained():
+    model, method, step = _setup("uskd", lr=0.0)
+    assert method.stage_name == "layer3" and method.stage_channels == 32
+    assert {id(p) for p in method.aux_head.parameters()} <= {id(p) for g in step.optimizer.param_groups
+                                                               for p in g["params"]}
+    assert step.optimizer.param_groups[-1]["name"] == "method"
+    x, y, ids = _batch(seed=12)
+    seen = {}
+    handle = model.backbone.layer3.register_forward_hook(lambda m, i, o: seen.setdefault("mid", o))
+    out = method(x, y, sample_ids=ids, epoch=0)
+    handle.remove()
+    aux = method.aux_head(seen["mid"].mean(dim=(2, 3)).float())
+    smoothed = y * 0.9 + 0.05
+    torch.testing.assert_close(out["aux"], F.binary_cross_entropy_with_logits(aux, smoothed).detach())
+    assert set(step.state_dict()["method"]) == {"aux_head.weight", "aux_head.bias"}
+    _, method2, step2 = _setup("uskd")
+    before = method2.aux_head.weight.detach().clone()
+    step2(x, y, sample_ids=ids, epoch=0)
+    assert not torch.equal(method2.aux_head.weight, before)
+
+
+# --------------------------------------------------------------------------------------- MulSupCon
+def test_mulsupcon_queue_fills_wraps_and_enters_the_loss_once_full():
+    _, method, step = _setup("mulsupcon", mulsupcon_queue=6)
+    assert method.projection.net[0].out_features == 256  # D = 64 < 2 * 256: hidden width = dim
+    batches = [_batch(seed=s) for s in (20, 21, 22)]
+    x, y, ids = batches[0]
+    step(x, y, sample_ids=ids, epoch=0)
+    keys0 = method.queue[:4].clone()
+    assert int(method.queue_pointer) == 4 and not bool(method.queue_full)
+    torch.testing.assert_close(method.queue_labels[:4], y)
+    assert torch.allclose(keys0.norm(dim=1), torch.ones(4))
+    x, y, ids = batches[1]
+    step(x, y, sample_ids=ids, epoch=0)
+    assert int(method.queue_pointer) == 2 and bool(method.queue_full)  # 8 keys into 6 slots: wrapped
+    torch.testing.assert_close(method.queue_labels[4:6], y[:2])
+    torch.testing.assert_close(method.queue_labels[:2], y[2:])
+    torch.testing.assert_close(method.queue[2:4], keys0[2:4])
+    # once full, every queue key is in the denominator: the term differs from a batch-only computation
+    x, y, ids = batches[2]
+    outs = []
+    for full in (True, False):  # same views and dropout draws; only the queue's validity differs
+        method.queue_full.fill_(full)
+        method.generator.manual_seed(5)
+        torch.manual_seed(5)
+        outs.append(method(x, y, sample_ids=ids, epoch=0))
+    assert not torch.allclose(outs[0]["supcon"], outs[1]["supcon"])
+    torch.testing.assert_close(outs[0]["bce"], outs[1]["bce"])
+
+
+def test_mulsupcon_key_encoder_is_a_momentum_average_of_the_student():
+    model, method, step = _setup("mulsupcon", mulsupcon_momentum=0.9)
+    key_params, query_params = method._pairs()
+    assert all(not p.requires_grad for p in key_params)
+    assert all(torch.equal(k, q) for k, q in zip(key_params, query_params))  # starts as a copy
+    old_keys = [p.detach().clone() for p in key_params]
+    x, y, ids = _batch(seed=23)
+    step(x, y, sample_ids=ids, epoch=0)
+    for k, k0, q in zip(key_params, old_keys, query_params):
+        torch.testing.assert_close(k, 0.9 * k0 + 0.1 * q.detach())
+    assert any(not torch.equal(k, k0) for k, k0 in zip(key_params, old_keys))

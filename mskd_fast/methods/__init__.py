@@ -14,33 +14,44 @@ from __future__ import annotations
 import argparse
 
 from mskd_fast.methods.base import MethodFlag, SelfDistillationMethod
+from mskd_fast.methods.ddgsd import DDGSD, ddgsd_loss
 from mskd_fast.methods.dlb import DLB, dlb_loss
+from mskd_fast.methods.mulsupcon import MulSupCon, mulsupcon_loss
 from mskd_fast.methods.partial_softmax import PartialSoftmaxBCELoss, partial_softmax_loss
 from mskd_fast.methods.pskd import PSKD, pskd_alpha, pskd_loss
 from mskd_fast.methods.tfkd import TFKD, tfkd_loss
 from mskd_fast.methods.ud import UD
+from mskd_fast.methods.uskd import USKD, uskd_loss
 
 __all__ = [
+    "DDGSD",
     "DLB",
     "METHODS",
     "PSKD",
     "TFKD",
     "UD",
+    "USKD",
+    "MulSupCon",
     "MethodFlag",
     "PartialSoftmaxBCELoss",
     "SelfDistillationMethod",
     "add_method_args",
     "build_method",
+    "ddgsd_loss",
     "dlb_loss",
     "method_terms",
+    "mulsupcon_loss",
     "partial_softmax_loss",
     "pskd_alpha",
     "pskd_loss",
     "tfkd_loss",
+    "uskd_loss",
     "validate_method_args",
 ]
 
-METHODS: dict[str, type[SelfDistillationMethod]] = {cls.name: cls for cls in (TFKD, PSKD, DLB, UD)}
+METHODS: dict[str, type[SelfDistillationMethod]] = {
+    cls.name: cls for cls in (TFKD, PSKD, DLB, DDGSD, USKD, UD, MulSupCon)
+}
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
