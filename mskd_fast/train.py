@@ -471,11 +471,13 @@ class Trainer:
         return reasons
 
     def _sync_buffers(self) -> None:
-        """Under DDP each rank updated BN statistics with its own batches: use rank 0's everywhere."""
+        """Under DDP each rank updated BN statistics with its own batches: use rank 0's everywhere (also those of
+        a method object's sub-modules, e.g. MulSupCon's projection head and key encoder)."""
         if self.ctx.distributed:
             import torch.distributed as dist
 
-            for buf in self.model.buffers():
+            extra = [] if self.method is None else [b for c in self.method.children() for b in c.buffers()]
+            for buf in [*self.model.buffers(), *extra]:
                 dist.broadcast(buf, 0)
 
     def _evaluate(self, epoch: int):
