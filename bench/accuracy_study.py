@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -52,8 +51,33 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study_fashion as fashion  # noqa: E402  (bench/ is not a package)
+from study_fashion import mean_std  # noqa: E402
+from study_fashion import pm as _pm  # noqa: E402
 
 PROFILES = {
+    # The real-object study (docs/ACCURACY.md, "Real objects"): fashion-multi composites, a backbone pretrained here
+    # on single Fashion-MNIST items (bench/fashion_pretrain.py), fine-tuned with the authors' regime (backbone LR
+    # 0.1x, weight decay 1e-4, no warm-up). Variants and decision rules: bench/study_fashion.py.
+    "fashion": dict(
+        suite="fashion", dataset="fashion-multi", model="resnet10t", model_kwargs=("output_stride=16",), img_size=64,
+        synthetic_img_size=64, synthetic_size=1250, synthetic_test_size=1500, batch_size=32, epochs=8, lr=0.02,
+        warmup_epochs=0, weight_decay=1e-4, amp=False, workers=0, loader="torch", randaugment=False, threads=1,
+        jobs=2, pretrain=dict(epochs=3, lr=0.1, items=None),
+    ),
+    "fashion-gpu": dict(
+        suite="fashion", dataset="fashion-multi", model="resnet18", model_kwargs=(), img_size=128,
+        synthetic_img_size=128, synthetic_size=5000, synthetic_test_size=3000, batch_size=64, epochs=12, lr=0.02,
+        warmup_epochs=0, weight_decay=1e-4, amp=True, workers=8, loader="auto", randaugment=True, threads=0, jobs=1,
+        pretrain=dict(epochs=5, lr=0.1, items=None),
+    ),
+    "fashion-tiny": dict(
+        suite="fashion", dataset="fashion-multi", model="resnet10t",
+        model_kwargs=("channels=(8,16,32,64)", "stem_width=8"), img_size=32, synthetic_img_size=32, synthetic_size=20,
+        synthetic_test_size=12, batch_size=10, epochs=1, lr=0.05, warmup_epochs=0, weight_decay=1e-4, amp=False,
+        workers=0, loader="torch", randaugment=False, threads=1, jobs=2, pretrain=dict(epochs=1, lr=0.1, items=256),
+    ),
     "gpu": dict(
         model="resnet18", model_kwargs=(), img_size=128, synthetic_img_size=128, synthetic_size=4000,
         synthetic_test_size=1000, batch_size=64, epochs=12, lr=0.1, warmup_epochs=1, amp=True, workers=8,
@@ -137,8 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
     p.add_argument("--synthetic-cache", default=None,
-                   help="synthetic dataset cache folder (default: the trainer's, $MSKD_FAST_CACHE or ~/.cache)")
+                   help="cache folder of the generated datasets and the pretrained backbone (default: the trainer's, "
+                        "$MSKD_FAST_CACHE or ~/.cache)")
+    p.add_argument("--fashion-dir", default=None,
+                   help="fashion profiles: folder of the Fashion-MNIST IDX files (default: the Debian package's, "
+                        "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--overwrite", action="store_true", help="re-train runs already finished in --output")
+    p.add_argument("--tiny-rules", action="store_true", help=argparse.SUPPRESS)  # smoke test: no extra seeds
     return p
 
 
@@ -172,9 +201,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[str, dict, str]:
 
 def _common_data_flags(settings: dict, synthetic_cache: str | None) -> list[str]:
     s = settings
-    argv = ["--dataset", "synthetic", "--synthetic-size", str(s["synthetic_size"]),
+    argv = ["--dataset", s.get("dataset", "synthetic"), "--synthetic-size", str(s["synthetic_size"]),
             "--synthetic-test-size", str(s["synthetic_test_size"]),
             "--synthetic-img-size", str(s["synthetic_img_size"])]
+    if s.get("fashion_dir"):
+        argv += ["--data-dir", s["fashion_dir"]]
     return argv + (["--synthetic-cache", synthetic_cache] if synthetic_cache else [])
 
 
@@ -185,13 +216,18 @@ def trainer_argv(variant: Variant, settings: dict, *, seed: int, device: str, ru
     argv = [
         *_common_data_flags(s, synthetic_cache), "--train-split", "train-fit", "--eval-split", "val",
         "--model", s["model"], "--img-size", str(s["img_size"]), "-b", str(s["batch_size"]),
-        "--epochs", str(s["epochs"]), "--lr", str(s["lr"]), "--warmup-epochs", str(s["warmup_epochs"]),
+        "--epochs", str(s["epochs"] * getattr(variant, "epochs_factor", 1)), "--lr", str(s["lr"]),
+        "--warmup-epochs", str(s["warmup_epochs"]),
         "--loader", s["loader"], "-j", str(s["workers"]), "--randaugment" if s["randaugment"] else "--no-randaugment",
         "--eval-interval", "0", "--seed", str(seed), "--device", device, "--no-progress",
         "--output", runs_dir, "--experiment", run_name(variant, seed),
     ]
     if s["model_kwargs"]:
         argv += ["--model-kwargs", *s["model_kwargs"]]
+    if s.get("initial_checkpoint"):
+        argv += ["--initial-checkpoint", s["initial_checkpoint"]]
+    if s.get("weight_decay") is not None:
+        argv += ["--weight-decay", str(s["weight_decay"])]
     if s["amp"]:
         argv.append("--amp")
     return argv + list(variant.flags)
@@ -211,13 +247,26 @@ def run_name(variant: Variant, seed: int) -> str:
 
 # ---------------------------------------------------------------------------------------------- running
 def prepare_dataset(settings: dict, synthetic_cache: str | None) -> str:
-    """Generate (or find) the synthetic dataset before the first run; returns a one-line summary per split."""
+    """Generate (or find) the profile's dataset before the first run; returns a one-line summary per split."""
     from mskd_fast.data import SyntheticConfig, load_index
 
     config = SyntheticConfig(train_size=settings["synthetic_size"], test_size=settings["synthetic_test_size"],
                              img_size=settings["synthetic_img_size"], cache_dir=synthetic_cache)
-    return "; ".join(load_index("synthetic", None, split, synthetic=config).summary()
+    dataset = settings.get("dataset", "synthetic")
+    data_dir = settings.get("fashion_dir") if dataset == "fashion-multi" else None
+    return "; ".join(load_index(dataset, data_dir, split, synthetic=config).summary()
                      for split in ("train-fit", "val", "test"))
+
+
+def prepare_backbone(settings: dict, synthetic_cache: str | None) -> str:
+    """Pretrain (or find in the cache) the profile's backbone on single Fashion-MNIST items; returns its path."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fashion_pretrain import build_config, pretrain
+
+    p = settings["pretrain"]
+    config = build_config(settings["model"], list(settings["model_kwargs"]), settings["img_size"], p["epochs"],
+                          p["lr"], items=p.get("items"))
+    return pretrain(config, synthetic_cache, settings.get("fashion_dir"), log=lambda m: print(m, flush=True))
 
 
 def _finished(run_dir: str) -> bool:
@@ -260,9 +309,16 @@ def _float(text) -> float:
         return math.nan
 
 
+ALL_METRICS = ("mAP", "OP", "OR", "OF1", "CP", "CR", "CF1", "P@1", "R@1")
+LOSS_KEYS = ("loss", "bce", "lsd", "rsd", "ssd", "ud")
+DIAG_PREFIXES = ("gnorm_", "gcos_")
+DIAG_KEYS = ("train_logit_row_std", "clip_frac")
+
+
 def read_run(run_dir: str, epochs: int) -> dict:
-    """Val metrics, collapse signals and losses (last row of ``summary.csv``), test and train-fit metrics
-    (``eval-*/metrics.json``) and the test per-scale recall of one finished run."""
+    """Val metrics, collapse signals, losses and gradient diagnostics (last row of ``summary.csv``; the losses of
+    every epoch too), test and train-fit metrics (``eval-*/metrics.json``) and the test per-scale recall of one
+    finished run."""
     path = os.path.join(run_dir, "summary.csv")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
@@ -278,10 +334,13 @@ def read_run(run_dir: str, epochs: int) -> dict:
                   "found": int(r["found"]), "recall": _float(r["recall"])} for r in csv.DictReader(fh)]
     signals = {k: _float(last.get(k)) for k in ("top1_mode_frac", "max_abs_logit", "top1_classes", "collapse")}
     return {
-        "test": {k: _float(test[k]) for k in METRICS},  # mskd_fast.evaluate's flat metrics.json
-        "val": {k: _float(last[k]) for k in METRICS},
+        "test": {k: _float(test[k]) for k in ALL_METRICS if k in test},  # mskd_fast.evaluate's flat metrics.json
+        "val": {k: _float(last[k]) for k in ALL_METRICS if k in last},
         "train_fit_mAP": _float(train["mAP"]),
-        "losses": {k: _float(last[k]) for k in ("loss", "bce", "lsd", "rsd", "ssd")},
+        "losses": {k: _float(last[k]) for k in LOSS_KEYS if k in last},
+        "loss_history": [{k: _float(r[k]) for k in LOSS_KEYS if k in r} for r in rows],
+        "diagnostics": {k: _float(v) for k, v in last.items() if k.startswith(DIAG_PREFIXES) or k in DIAG_KEYS},
+        "sd_opposes_bce": [r.get("sd_opposes_bce", "") for r in rows],
         "signals": signals,
         "train_time_s": sum(_float(r["train_time_s"]) for r in rows),
         "scale_recall": scale,
@@ -289,14 +348,6 @@ def read_run(run_dir: str, epochs: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (``nan`` std for a single value)."""
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return math.nan, math.nan
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else math.nan)
-
-
 def choose_iota(val_map: dict[float, list[float]], paper_iota: float = PAPER_IOTA) -> dict:
     """The documented rule: best mean val mAP over the seeds, except that ``paper_iota`` is kept when its mean
     is within one standard deviation (of the best iota's seeds) of the best mean. Returns the decision."""
@@ -309,13 +360,6 @@ def choose_iota(val_map: dict[float, list[float]], paper_iota: float = PAPER_IOT
             chosen, why = paper_iota, f"paper's value kept: {gap:.2f} below the best, within its std"
     return {"chosen": chosen, "best": best, "why": why,
             "val_mAP": {f"{i:g}": {"mean": m, "std": s} for i, (m, s) in stats.items()}}
-
-
-def _pm(values: list[float], digits: int = 2) -> str:
-    m, s = mean_std(values)
-    if math.isnan(m):
-        return "-"
-    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def aggregate(runs: list[dict], variants: list[Variant]) -> list[dict]:
@@ -417,13 +461,17 @@ def settings_text(profile: str, settings: dict, seeds: list[int]) -> str:
     s = settings
     kwargs = f" ({', '.join(s['model_kwargs'])})" if s["model_kwargs"] else ""
     n_val = synthetic_val_size(s["synthetic_size"])
+    fashion_suite = s.get("suite") == "fashion"
+    init = "pretrained here on single Fashion-MNIST items" if fashion_suite else "random init"
+    data = ("fashion-multi (10 classes, 1-4 Fashion-MNIST items per image, items 50,000-59,999 for train, the "
+            "official test items for test)" if fashion_suite else "synthetic dataset (20 classes)")
     return (
-        f"- profile `{profile}`: timm `{s['model']}`{kwargs}, random init, {s['img_size']} px, batch "
+        f"- profile `{profile}`: timm `{s['model']}`{kwargs}, {init}, {s['img_size']} px, batch "
         f"{s['batch_size']}, {s['epochs']} epochs, SGD LR {s['lr']} (cosine, {s['warmup_epochs']} warm-up epochs), "
         f"RandAugment {'on' if s['randaugment'] else 'off'}, {'bf16 autocast' if s['amp'] else 'float32'}, "
         f"loader {s['loader']}, {s['threads'] or 'all'} thread(s) per run, {s['jobs']} run(s) at a time; "
         f"seeds {', '.join(map(str, seeds))}\n"
-        f"- data: synthetic dataset (20 classes) generated at {s['synthetic_img_size']} px: train-fit "
+        f"- data: {data} generated at {s['synthetic_img_size']} px: train-fit "
         f"{s['synthetic_size'] - n_val} / val {n_val} (the last 20 % of train) / test {s['synthetic_test_size']}; "
         f"each run is evaluated once after its last epoch on val (trainer), then test and train-fit (evaluate)\n"
     )
@@ -478,44 +526,30 @@ def write_outputs(out_dir: str, runs: list[dict], variants: list[Variant], profi
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
-    """Run the study; returns 0, or 1 when a run failed (the others still finish and are reported)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        profile, settings, device = resolve_settings(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    variants = study_variants(args.ablations)
-    out_dir = os.path.abspath(args.output)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        parser.error(f"--output {out_dir} exists and is not a folder")
-    runs_dir, logs_dir = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
-    os.makedirs(runs_dir, exist_ok=True)
-    os.makedirs(logs_dir, exist_ok=True)
+def _pending(variants, seeds, runs_dir: str, overwrite: bool) -> tuple[list, list[str]]:
+    """The ``(variant, seed)`` jobs still to train and the names of finished runs that are reused."""
     jobs, reused = [], []
     for v in variants:
-        for seed in args.seeds:
+        for seed in seeds:
             run_dir = os.path.join(runs_dir, run_name(v, seed))
-            if _finished(run_dir) and not args.overwrite:
+            if _finished(run_dir) and not overwrite:
                 reused.append(run_name(v, seed))
                 continue
             if os.path.exists(run_dir):  # unfinished (or --overwrite): train it again from scratch
                 shutil.rmtree(run_dir)
             jobs.append((v, seed))
-    command = "python bench/accuracy_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"accuracy study: profile {profile} on {device}; {len(variants)} variants x {len(args.seeds)} seeds; "
-          f"{len(jobs)} runs to train, {len(reused)} reused", flush=True)
-    print(settings_text(profile, settings, args.seeds), end="", flush=True)
-    print(f"data: {prepare_dataset(settings, args.synthetic_cache)}", flush=True)
+    return jobs, reused
 
+
+def train_jobs(jobs: list, settings: dict, device: str, out_dir: str, synthetic_cache: str | None) -> list[str]:
+    """Train ``jobs`` (``settings["jobs"]`` at a time); returns the failure messages (the others still finish)."""
     failures = []
 
     def work(job):
         v, seed = job
         t0 = time.perf_counter()
         try:
-            run_job(v, seed, settings, device, out_dir, args.synthetic_cache)
+            run_job(v, seed, settings, device, out_dir, synthetic_cache)
         except RuntimeError as exc:
             failures.append(str(exc))
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -524,18 +558,158 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(max_workers=settings["jobs"]) as pool:
         list(pool.map(work, jobs))
+    return failures
+
+
+def collect(variants, seeds, settings: dict, runs_dir: str) -> list[dict]:
+    """The finished runs of ``variants`` x ``seeds`` (read with :func:`read_run`)."""
     runs = []
     for v in variants:
-        for seed in args.seeds:
+        for seed in seeds:
             run_dir = os.path.join(runs_dir, run_name(v, seed))
             if _finished(run_dir):
-                runs.append({"variant": v.name, "seed": seed, "run_dir": run_dir,
-                             **read_run(run_dir, settings["epochs"])})
+                epochs = settings["epochs"] * getattr(v, "epochs_factor", 1)
+                runs.append({"variant": v.name, "seed": seed, "run_dir": run_dir, **read_run(run_dir, epochs)})
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the study; returns 0, or 1 when a run failed (the others still finish and are reported)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        profile, settings, device = resolve_settings(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    out_dir = os.path.abspath(args.output)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        parser.error(f"--output {out_dir} exists and is not a folder")
+    runs_dir, logs_dir = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
+    os.makedirs(runs_dir, exist_ok=True)
+    os.makedirs(logs_dir, exist_ok=True)
+    command = "python bench/accuracy_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if settings.get("suite") == "fashion":
+        return main_fashion(args, profile, settings, device, out_dir, command)
+    variants = study_variants(args.ablations)
+    jobs, reused = _pending(variants, args.seeds, runs_dir, args.overwrite)
+    print(f"accuracy study: profile {profile} on {device}; {len(variants)} variants x {len(args.seeds)} seeds; "
+          f"{len(jobs)} runs to train, {len(reused)} reused", flush=True)
+    print(settings_text(profile, settings, args.seeds), end="", flush=True)
+    print(f"data: {prepare_dataset(settings, args.synthetic_cache)}", flush=True)
+    failures = train_jobs(jobs, settings, device, out_dir, args.synthetic_cache)
+    runs = collect(variants, args.seeds, settings, runs_dir)
     if runs:
         write_outputs(out_dir, runs, variants, profile, settings, args.seeds, device, command, args.ablations)
         print("\n" + test_table(aggregate(runs, variants)), end="")
         print(f"\nwrote {os.path.join(out_dir, 'results.md')}, results.json and scale_recall.png", flush=True)
     return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------- real objects
+def main_fashion(args, profile: str, settings: dict, device: str, out_dir: str, command: str) -> int:
+    """The real-object study (bench/study_fashion.py): pretraining, phase 1, the val rules, phase 2, the decision."""
+    settings["fashion_dir"] = args.fashion_dir
+    runs_dir = os.path.join(out_dir, "runs")
+    seeds = list(args.seeds)
+    print(f"accuracy study: profile {profile} on {device} (real objects, bench/study_fashion.py)", flush=True)
+    print(settings_text(profile, settings, seeds), end="", flush=True)
+    print(f"data: {prepare_dataset(settings, args.synthetic_cache)}", flush=True)
+    settings["initial_checkpoint"] = prepare_backbone(settings, args.synthetic_cache)
+    failures: list[str] = []
+
+    def run(variants, run_seeds, phase: str) -> None:
+        jobs, reused = _pending(variants, run_seeds, runs_dir, args.overwrite)
+        print(f"{phase}: {len(variants)} variants x {len(run_seeds)} seeds; {len(jobs)} runs to train, "
+              f"{len(reused)} reused", flush=True)
+        failures.extend(train_jobs(jobs, settings, device, out_dir, args.synthetic_cache))
+
+    def val(variant, pool=None) -> list[float]:
+        return [r["val"]["mAP"] for r in collect([variant], pool or seeds_all, settings, runs_dir)]
+
+    seeds_all = sorted(set(seeds) | set(fashion.EXTRA_SEEDS)) if not args.tiny_rules else seeds
+    phase1 = list(fashion.PHASE1)
+    run(phase1, seeds, "phase 1")
+    ud_best = next(v for v in fashion.UD if v.name == fashion.best_of({v.name: val(v, seeds) for v in fashion.UD}))
+    ssd_best = next(v for v in fashion.SSD if v.name == fashion.best_of({v.name: val(v, seeds) for v in fashion.SSD}))
+    candidates1 = [v for v in phase1 if v.kind == "mskd" and (v not in fashion.SSD or v == ssd_best)]
+    best1 = fashion.choose_default({v.name: _candidate(v, seeds, settings, runs_dir) for v in candidates1})
+    best_variant = next((v for v in candidates1 if v.name == best1["chosen"]), fashion.STABLE)
+    phase2 = fashion.phase2(best_variant, ssd_best)
+    run(phase2, seeds, "phase 2 (ablations of the best MSKD candidate, S-SD alone: batch teacher, 2x epochs)")
+    same_budget = [v for v in [*phase1, *phase2] if v.epochs_factor == 1]
+    ranked = sorted((v for v in same_budget if v.kind != "vanilla"), key=lambda v: -fashion.mean_std(val(v, seeds))[0])
+    extra = [fashion.VANILLA, *ranked[:2]]
+    if not args.tiny_rules:
+        run(extra, list(fashion.EXTRA_SEEDS), "extra seeds (vanilla and the two best by val mAP)")
+    mskd_all = [v for v in same_budget if v.kind == "mskd" and (v not in fashion.SSD or v == ssd_best)]
+    decision = fashion.choose_default({v.name: _candidate(v, seeds_all, settings, runs_dir) for v in mskd_all})
+    variants = [*phase1, *phase2]
+    runs = collect(variants, seeds_all, settings, runs_dir)
+    decisions = {"ud_c": ud_best.name, "ssd_lambda": ssd_best.name, "phase1_best": best1, "default": decision,
+                 "extra_seeds": [v.name for v in extra]}
+    if runs:
+        write_outputs_fashion(out_dir, runs, variants, decisions, profile, settings, seeds_all, device, command)
+        print(f"\nwrote {os.path.join(out_dir, 'results.md')} and results.json; default: {decision['chosen']}",
+              flush=True)
+    return 1 if failures else 0
+
+
+def _candidate(variant, seeds, settings: dict, runs_dir: str) -> dict:
+    rs = collect([variant], seeds, settings, runs_dir)
+    return {"val": [r["val"]["mAP"] for r in rs], "collapsed": [int(r["signals"]["collapse"] == 1) for r in rs]}
+
+
+def write_outputs_fashion(out_dir: str, runs: list[dict], variants: list, decisions: dict, profile: str,
+                          settings: dict, seeds: list[int], device: str, command: str) -> dict:
+    """results.md (every table of the real-object study) and results.json."""
+    from mskd_fast.reports import write_text
+
+    info = machine_info(device)
+    groups = [(v, [r for r in runs if r["variant"] == v.name]) for v in variants]
+    groups = [(v, rs) for v, rs in groups if rs]
+    same = [(v, rs) for v, rs in groups if v.epochs_factor == 1]
+    vanilla = next((rs for v, rs in groups if v.kind == "vanilla"), [])
+    label = {v.name: v.label for v in variants}
+    d = decisions["default"]
+    best1 = decisions["phase1_best"]["chosen"]
+    ranking = "\n".join(f"| {label.get(n, n)} | {m:.2f} | {c} |" for n, m, c in d["ranking"])
+    md = [
+        "# Accuracy study: real objects (fashion-multi), pretrained backbone", "",
+        f"- machine: {info['device_name']} ({info['device']}); host CPU {info['cpu']}, {info['cpu_count']} cores; "
+        f"python {info['python']}, torch {info['torch']}; commit {info['commit']}; {info['date']}",
+        settings_text(profile, settings, seeds).rstrip("\n"),
+        f"- backbone: `{os.path.basename(settings['initial_checkpoint'])}` (bench/fashion_pretrain.py: single items of "
+        "the pretrain pool, classifier dropped), fine-tuned with backbone LR x0.1, weight decay "
+        f"{settings.get('weight_decay')}",
+        f"- command: `{command}`", "- every cell: mean ± sample standard deviation over the seeds run", "",
+        "## Test split (percent; the last epoch's model)", "", fashion.test_table(same, vanilla),
+        "collapsed = seeds the trainer's collapse guard flagged at its final (val) evaluation.", "",
+        "## Validation split (percent; every choice is made here)", "", fashion.val_table(same),
+        "## Gradient diagnostics (last epoch; on the classifier, weighted terms; mskd_fast.diagnostics)", "",
+        fashion.diagnostics_table(same),
+        "## Decisions (rules in bench/study_fashion.py, written before the runs; val only)", "",
+        f"- label-push control weight: **{label[decisions['ud_c']]}**",
+        f"- S-SD alone: **{label[decisions['ssd_lambda']]}**",
+        f"- best MSKD candidate after phase 1 (its ablations ran in phase 2): **{label.get(best1, best1)}**",
+        f"- seeds 4-5 for: {', '.join(label[n] for n in decisions['extra_seeds'])}", "",
+        "Default decision (best mean val mAP among MSKD variants without a collapsed seed):", "",
+        "| candidate | val mAP | collapsed seeds |", "|---|---:|---:|", ranking, "",
+        f"**chosen: {label.get(d['chosen'], d['chosen'])}**", "",
+        "## Recall by object size on test (percent of items whose class scored >= 0.5 in its image)", "",
+        fashion.scale_table(same), "",
+    ]
+    long = [(v, rs) for v, rs in groups if v.epochs_factor != 1]
+    if long:
+        md += ["## S-SD alone for twice the epochs: is its term bounded?", ""]
+        md += [fashion.term_history_table(v, rs) for v, rs in long]
+        md += [fashion.test_table(long, []), ""]
+    write_text(os.path.join(out_dir, "results.md"), "\n".join(md))
+    doc = {"profile": profile, "settings": {**settings, "model_kwargs": list(settings["model_kwargs"])},
+           "seeds": seeds, "machine": info, "command": command, "decisions": decisions,
+           "variants": [{"name": v.name, "label": v.label, "flags": list(v.flags), "kind": v.kind,
+                         "epochs_factor": v.epochs_factor} for v in variants], "runs": runs}
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    return doc
 
 
 if __name__ == "__main__":

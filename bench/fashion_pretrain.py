@@ -46,7 +46,8 @@ BATCH = 128
 def config_key(config: dict) -> str:
     """A file-name-safe key of everything the weights depend on."""
     text = json.dumps(config, sort_keys=True)
-    return f"{config['model']}-px{config['img_size']}-e{config['epochs']}-" + hashlib.sha1(text.encode()).hexdigest()[:10]
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return f"{config['model']}-px{config['img_size']}-e{config['epochs']}-{digest}"
 
 
 def render_batch(items: np.ndarray, labels: np.ndarray, size: int, seeds: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,8 @@ def test_accuracy(model, size: int, data_dir: str | None, seed: int) -> float:
     model.eval()
     correct = 0
     for start in range(0, TEST_IMAGES, 256):
-        x, y = render_batch(items, labels, size, [[seed, 999_999, i] for i in range(start, min(TEST_IMAGES, start + 256))])
+        seeds = [[seed, 999_999, i] for i in range(start, min(TEST_IMAGES, start + 256))]
+        x, y = render_batch(items, labels, size, seeds)
         correct += int((model(x).argmax(1) == y).sum())
     model.train()
     return 100.0 * correct / TEST_IMAGES
@@ -106,14 +108,17 @@ def pretrain(config: dict, cache_dir: str, data_dir: str | None = None, log=prin
     ckpt, info_path = os.path.join(out_dir, key + ".pt"), os.path.join(out_dir, key + ".json")
     if os.path.isfile(ckpt) and os.path.isfile(info_path):
         with open(info_path) as fh:
-            log(f"pretrained backbone reused: {ckpt} ({json.load(fh)['test_accuracy']:.1f} % single-item test accuracy)")
+            accuracy = json.load(fh)["test_accuracy"]
+        log(f"pretrained backbone reused: {ckpt} ({accuracy:.1f} % single-item test accuracy)")
         return ckpt
     items, labels = load_items("pretrain", data_dir)
+    if config.get("items"):
+        items, labels = items[: config["items"]], labels[: config["items"]]
     torch.manual_seed(config["seed"])
     model, _ = create_model(config["model"], len(FASHION_CLASSES), img_size=config["img_size"],
                             **dict(config["model_kwargs"]))
     model.train()
-    steps_per_epoch = len(items) // BATCH
+    steps_per_epoch = max(1, len(items) // BATCH)
     total = steps_per_epoch * config["epochs"]
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
     warm = steps_per_epoch
@@ -136,7 +141,7 @@ def pretrain(config: dict, cache_dir: str, data_dir: str | None = None, log=prin
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * len(idx)
+            running += float(loss.detach()) * len(idx)
             seen += len(idx)
             if (step + 1) % 100 == 0:
                 log(f"pretrain epoch {epoch + 1} step {step + 1}/{steps_per_epoch}: CE {running / seen:.4f} "
@@ -153,8 +158,9 @@ def pretrain(config: dict, cache_dir: str, data_dir: str | None = None, log=prin
 
 
 def build_config(model: str, model_kwargs: list[str], img_size: int, epochs: int, lr: float = 0.1,
-                 seed: int = 0) -> dict:
-    """The pretraining config (JSON-safe; ``model_kwargs`` as ``KEY=VALUE`` strings parsed by literal_eval)."""
+                 seed: int = 0, items: int | None = None) -> dict:
+    """The pretraining config (JSON-safe; ``model_kwargs`` as ``KEY=VALUE`` strings parsed by literal_eval;
+    ``items``: use only the first ``items`` of the pool, for smoke tests)."""
     import ast
 
     kwargs = []
@@ -162,7 +168,8 @@ def build_config(model: str, model_kwargs: list[str], img_size: int, epochs: int
         k, _, v = item.partition("=")
         kwargs.append([k, ast.literal_eval(v)])
     return {"model": model, "model_kwargs": kwargs, "img_size": img_size, "epochs": epochs, "lr": lr, "seed": seed,
-            "side_frac": list(PRETRAIN_SIDE_FRAC), "batch": BATCH, "version": 1}
+            "side_frac": list(PRETRAIN_SIDE_FRAC), "batch": BATCH, "version": 1,
+            **({"items": items} if items else {})}
 
 
 def main(argv=None) -> int:

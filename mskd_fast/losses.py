@@ -191,7 +191,15 @@ class MSKDLoss(nn.Module):
             )
         return ops.kd_loss(student, teacher, temperature=self.temperature)
 
-    def forward(self, q, r, o, q_prev, targets):
+    @property
+    def diagnostic_terms(self) -> tuple[str, ...]:
+        """The weighted terms ``forward(..., return_parts=True)`` returns: ``"bce"`` and each term switched on."""
+        on = (("lsd", self.use_lsd), ("rsd", self.use_rsd), ("ssd", self.use_ssd))
+        return ("bce", *(name for name, flag in on if flag))
+
+    def forward(self, q, r, o, q_prev, targets, return_parts: bool = False):
+        """``(total, terms)``; with ``return_parts`` also the weighted, differentiable terms (training
+        diagnostics, :mod:`mskd_fast.diagnostics`): ``{"bce", "lsd": iota*L_LSD, ...}`` for the terms on."""
         check_float("q", q)
         check_rank("q", q, 2, "(B, C)")
         check_targets("targets", targets, "q", q)
@@ -203,10 +211,12 @@ class MSKDLoss(nn.Module):
         zero = q.new_zeros(()).float()
         bce = F.binary_cross_entropy_with_logits(q, targets_f)
         total = bce
+        parts = {"bce": bce}
         lsd = rsd = ssd = zero
         if self.use_lsd:
             lsd = ops.relation_loss(r, o, delta=self.delta, terms=self.lsd_terms, backend=self.backend)
-            total = total + self.iota * lsd
+            parts["lsd"] = self.iota * lsd
+            total = total + parts["lsd"]
         if self.use_rsd:
             z = ops.reconstruct_logits(o, q.detach(), targets, layers=self.layers,
                                        crop_temperature=self.rsd_crop_temperature, backend=self.backend)
@@ -215,12 +225,16 @@ class MSKDLoss(nn.Module):
             if self.rsd_teacher_scale == "match":
                 z = ops.match_logit_scale(z, q.detach())
             rsd = self.distill(q, z, targets)
-            total = total + self.kappa * rsd
-        if self.use_ssd and q_prev is not None:
-            ssd = self.distill(q, q_prev.detach(), targets)
-            total = total + self.lam * ssd
+            parts["rsd"] = self.kappa * rsd
+            total = total + parts["rsd"]
+        if self.use_ssd:
+            parts["ssd"] = zero
+            if q_prev is not None:
+                ssd = self.distill(q, q_prev.detach(), targets)
+                parts["ssd"] = self.lam * ssd
+                total = total + parts["ssd"]
         terms = {name: t.detach().float() for name, t in (("bce", bce), ("lsd", lsd), ("rsd", rsd), ("ssd", ssd))}
-        return total, terms
+        return (total, terms, parts) if return_parts else (total, terms)
 
     def extra_repr(self) -> str:
         return (

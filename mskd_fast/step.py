@@ -288,12 +288,14 @@ class TrainStep:
 
     # ------------------------------------------------------------------ forward region
     def forward_loss(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor | None,
-                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None):
-        """Forward part of the step; returns ``(total, terms, q_next)``.
+                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None, diagnose: bool = False):
+        """Forward part of the step; returns ``(total, terms, q_next)`` (and ``diagnostics`` when ``diagnose``).
 
         ``images (B,3,H,W)``, ``targets (B,C)``, ``boxes (B,S,4)`` or ``None`` (no crops), ``next_images
         (B',3,H,W)`` or ``None`` (no look-ahead), ``q_prev (B,C)`` or ``None``. ``q_next (B',C)``: teacher
         logits of ``next_images`` (float32, no grad), or ``None``. ``terms``: MSKDLoss terms (detached).
+        ``diagnose``: also return :func:`mskd_fast.diagnostics.gradient_diagnostics` of the weighted terms on
+        the classifier (eager only; a few head-only ``autograd.grad`` calls).
         """
         from mskd_fast import ops
 
@@ -325,21 +327,28 @@ class TrainStep:
                 q, r = self.model(images, boxes)
             else:
                 q, r = self.model(images), None
-            total, terms = self.loss_fn(q, r, o, q_prev, targets)
-        return total, terms, q_next
+            if not diagnose:
+                total, terms = self.loss_fn(q, r, o, q_prev, targets)
+                return total, terms, q_next
+            total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True)
+        from mskd_fast.diagnostics import gradient_diagnostics
+
+        diag = gradient_diagnostics(parts, unwrap(self.model).fc.parameters(), q)
+        return total, terms, q_next, diag
 
     # ------------------------------------------------------------------ full step
     def __call__(self, images: torch.Tensor, targets: torch.Tensor,
-                 next_images: torch.Tensor | None = None, *, sample_ids: torch.Tensor | None = None,
-                 epoch: int = 0) -> dict[str, torch.Tensor]:
+                 next_images: torch.Tensor | None = None, diagnose: bool = False, *,
+                 sample_ids: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
         """Run one step on ``images (B,3,H,W)``, ``targets (B,C)``.
 
         ``next_images``: the batch the next call will get (S-SD look-ahead; MSKD only); ``None`` at the last
         step of training (the current batch is forwarded instead, to keep compiled shapes static, and the result
         dropped). ``sample_ids (B,)`` int64 and ``epoch`` (0-based) go to a method object. Returns device
         tensors: ``total``, the loss terms (``bce``, ``lsd``, ``rsd``, ``ssd`` for MSKD/vanilla; the method's
-        ``terms`` otherwise), ``grad_norm`` and ``skipped`` (1 when the step was skipped as non-finite). No host
-        synchronisation.
+        ``terms`` otherwise), ``grad_norm``, ``clipped`` (1 when gradient clipping was active) and ``skipped``
+        (1 when the step was skipped as non-finite); with ``diagnose`` (this step runs eagerly) also the
+        :mod:`mskd_fast.diagnostics` entries. No host synchronisation.
         """
         cfg = self.config
         batch = images.shape[0]
@@ -358,8 +367,11 @@ class TrainStep:
             fn = self.forward_loss
         self.optimizer.zero_grad(set_to_none=True)
         saved_stats = torch._foreach_mul(self.stat_buffers, 1.0) if self.stat_buffers else []
+        diag = {}
         if self.method is not None:  # the one dispatch point: every method but mskd/vanilla owns its forward
-            total, terms, q_next = self._method_forward(images, targets, sample_ids, epoch)
+            total, terms, q_next, diag = self._method_forward(images, targets, sample_ids, epoch, diagnose)
+        elif diagnose:
+            total, terms, q_next, diag = self.forward_loss(images, targets, boxes, look_ahead, q_prev, diagnose=True)
         else:
             total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
         loss_bad = ~torch.isfinite(total)
@@ -393,19 +405,31 @@ class TrainStep:
         self.q_prev = q_next.detach() if (q_next is not None and next_images is not None) else None
         self.steps += 1
         out = dict(terms)
+        out.update(diag)
         out["total"] = total.detach().float()
         out["grad_norm"] = grad_norm.detach().float()
         out["skipped"] = skipped_i
+        clip = self.config.clip_grad
+        out["clipped"] = ((grad_norm > clip) if clip is not None else torch.zeros_like(skipped)).to(torch.int64)
         return out
 
-    def _method_forward(self, images, targets, sample_ids, epoch):
-        """The method object's forward under the step's autocast; ``(total, terms, None)``."""
+    def _method_forward(self, images, targets, sample_ids, epoch, diagnose=False):
+        """The method object's forward under the step's autocast; ``(total, terms, None, diagnostics)``.
+
+        ``diagnose``: an eager call, and :func:`mskd_fast.diagnostics.gradient_diagnostics` of the method's
+        weighted loss parts on the classifier (``{}`` otherwise).
+        """
         cfg = self.config
         amp = cfg.amp_dtype is not None
         with torch.autocast(images.device.type, dtype=cfg.amp_dtype or torch.bfloat16, enabled=amp):
-            out = self.method(images, targets, sample_ids=sample_ids, epoch=epoch)
+            out = self.method(images, targets, sample_ids=sample_ids, epoch=epoch, eager=diagnose)
         terms = {name: out[name] for name in self.method.terms}
-        return out["loss"], terms, None
+        diag = {}
+        if diagnose:
+            from mskd_fast.diagnostics import gradient_diagnostics
+
+            diag = gradient_diagnostics(self.method.loss_parts(), unwrap(self.model).fc.parameters(), out["logits"])
+        return out["loss"], terms, None, diag
 
     def _clip(self) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mskd_fast.checkpoint import atomic_save, load_checkpoint
+from mskd_fast.diagnostics import diagnostic_keys, opposing_terms
 from mskd_fast.distributed import (
     DistContext,
     all_gather_objects,
@@ -75,6 +76,7 @@ class EpochStats:
 
     sums: dict = field(default_factory=dict)
     terms: tuple = TERMS  # the method's loss columns (train_log.terms_for)
+    diag_keys: tuple = ()  # the diagnostics columns (mskd_fast.diagnostics), averaged over the steps that have them
     steps: int = 0
     skipped: int = 0  # unused; the device count is ``sums["skipped"]``
     samples: int = 0
@@ -86,9 +88,29 @@ class EpochStats:
         for key in self.terms:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
             value = torch.where(keep, out["total"] if key == "loss" else out[key], 0.0)
             self.sums[key] = self.sums[key] + value if key in self.sums else value
-        skipped = out["skipped"]
-        self.sums["skipped"] = self.sums["skipped"] + skipped if "skipped" in self.sums else skipped.clone()
+        for key in ("skipped", "clipped"):
+            value = out[key]
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        for key in self.diag_keys:
+            if key in out:
+                ok = torch.isfinite(out[key])
+                self._accumulate(key, torch.where(ok, out[key], 0.0))
+                self._accumulate(f"n_{key}", ok.to(torch.int64))
         self.steps += 1
+
+    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def diag_means(self) -> dict[str, float]:
+        """Epoch means of the diagnostics columns (NaN where no step measured them) and ``clip_frac`` (the
+        share of steps with active gradient clipping); one host sync."""
+        device = self.sums["skipped"].device
+        zero = torch.zeros((), device=device)
+        values = [torch.where(self.sums.get(f"n_{k}", zero) > 0,
+                              self.sums.get(k, zero).double() / self.sums.get(f"n_{k}", zero).clamp(min=1),
+                              torch.full((), math.nan, device=device, dtype=torch.float64)) for k in self.diag_keys]
+        values.append(self.sums["clipped"].double() / max(1, self.steps))
+        return dict(zip((*self.diag_keys, "clip_frac"), torch.stack(values).tolist()))
 
     def means(self) -> torch.Tensor:
         """Device float64 tensor: the ``terms`` means over the steps that counted (NaN if none), then the skip count."""
@@ -100,14 +122,16 @@ class EpochStats:
 
     def state(self) -> dict:
         """Plain-data copy for a mid-epoch checkpoint (``epoch_acc``): sums as floats (one host sync)."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "terms": list(self.terms), "steps": self.steps,
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "terms": list(self.terms),
+                "diag_keys": list(self.diag_keys), "steps": self.steps,
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
     def from_state(cls, state: dict, device, terms: tuple = TERMS) -> EpochStats:
         """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
         return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
-                   terms=tuple(state.get("terms", TERMS)), steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
+                   terms=tuple(state.get("terms", TERMS)), diag_keys=tuple(state.get("diag_keys", ())),
+                   steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
                    train_time=state["train_time"])
 
 
@@ -212,6 +236,8 @@ class Trainer:
                                recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
                                lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
                                rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
+        source = loss_fn if self.method is None else self.method
+        self.diag_keys = diagnostic_keys(("loss", *source.diagnostic_terms))
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
                             channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
@@ -237,7 +263,7 @@ class Trainer:
         self.best = {"mAP": -math.inf, "epoch": None}
         self.resumes: list[dict] = []
         self.look_ahead_fp = None
-        self.epoch_stats = EpochStats(terms=self.terms)
+        self.epoch_stats = EpochStats(terms=self.terms, diag_keys=self.diag_keys)
         if resume is not None:
             self.resume_notes += restore_state(self, resume_blob)
             self.resumes.append({"from": os.path.abspath(resume.path), "epoch": self.epoch,
@@ -364,7 +390,9 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 return self._stop("signal", cur)
-            out = self.step(images, targets, None if nxt is None else nxt[2][0], sample_ids=ids, epoch=epoch)
+            diagnose = self.global_step % a.log_interval == 0
+            out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose, sample_ids=ids,
+                            epoch=epoch)
             self.epoch_stats.add(out)
             self.epoch_stats.samples += images.shape[0] * ctx.world_size
             self.step_in_epoch = i + 1
@@ -432,6 +460,7 @@ class Trainer:
         row.update(zip(self.terms, means[: len(self.terms)]))
         row["nonfinite_skipped"] = int(means[-1])
         row["steps_counted"] = st.steps - row["nonfinite_skipped"]
+        row.update(st.diag_means())
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         row["lr_backbone"] = self.optimizer.param_groups[0]["lr"]
         row["img_s"] = st.samples / max(st.train_time, 1e-9)
@@ -446,17 +475,19 @@ class Trainer:
             row[key] = float(result[key]) if result is not None else float("nan")
         row["eval_samples"] = result["num_samples"] if result is not None else 0
         reasons = self._collapse_signals(row, result)
+        opposing = opposing_terms([*self.history, row])
+        row["sd_opposes_bce"] = ";".join(t.split(" ")[0] for t in opposing)
         self.history.append(row)
         self.epoch = epoch + 1
         self.step_in_epoch = 0
-        self.epoch_stats = EpochStats(terms=self.terms)
+        self.epoch_stats = EpochStats(terms=self.terms, diag_keys=self.diag_keys)
         improved = result is not None and not math.isnan(row["mAP"]) and row["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": row["mAP"], "epoch": epoch + 1}
         self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
         if self.ctx.is_main:
             self._write_reports()
-            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, self.terms))
+            self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, self.terms, opposing))
 
     def _collapse_signals(self, row: dict, result: dict | None) -> list[str]:
         """Put the collapse-guard columns into ``row``; returns the collapse signs found (phrases)."""

@@ -47,8 +47,8 @@ PAPER_COCO = {"batch_size": 128, "lr": 0.1}
 
 # argparse dest -> key of mskd_fast.losses.RECIPES: flags whose default (None) comes from --recipe
 RECIPE_FLAGS = {"mbd_form": "mbd_form", "rsd_teacher_scale": "rsd_teacher_scale", "iota": "iota", "kappa": "kappa",
-                "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms", "rsd_teacher_reduce": "rsd_teacher_reduce",
-                "crop_mode": "crop_mode"}
+                "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms",
+                "rsd_teacher_reduce": "rsd_teacher_reduce", "crop_mode": "crop_mode"}
 
 
 class ParseKwargs(argparse.Action):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-__all__ = ["TERMS", "epoch_line", "final_summary", "header", "progress_text", "say", "terms_for"]
+__all__ = ["TERMS", "diagnostics_text", "epoch_line", "final_summary", "header", "progress_text", "say", "terms_for"]
 
 TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # mskd and vanilla (vanilla's SD terms are 0)
 
@@ -78,12 +78,14 @@ def progress_text(method: str, means: dict, rate: float, skipped: int) -> str:
 
 
 def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse: list[str],
-               terms: tuple[str, ...] = TERMS) -> str:
-    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the method's loss columns)."""
+               terms: tuple[str, ...] = TERMS, opposing: list[str] | None = None) -> str:
+    """The log line of one finished epoch (``row``: its summary.csv row; ``terms``: the method's loss columns;
+    ``opposing``: :func:`mskd_fast.diagnostics.opposing_terms` phrases)."""
     from mskd_fast.reports import format_metrics
 
     parts = " ".join(f"{k} {row[k]:.4f}" for k in terms[1:])
     msg = f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f} ({parts}) lr {row['lr']:.3g} {row['img_s']:.1f} img/s"
+    msg += diagnostics_text(row, terms)
     if evaluated:
         msg += f" | eval {format_metrics(row)}" + (" *best*" if improved else "")
     if row["nonfinite_skipped"]:
@@ -91,7 +93,31 @@ def epoch_line(row: dict, epochs: int, evaluated: bool, improved: bool, collapse
                 f"{row['steps_counted']} that counted)")
     if collapse:
         msg += " | WARNING collapsing: " + "; ".join(collapse)
+    if opposing:
+        msg += (" | WARNING self-distillation opposes the supervision: " + "; ".join(opposing)
+                + " (see docs/TRAINING.md, 'Diagnostics')")
     return msg
+
+
+def diagnostics_text(row: dict, terms: tuple[str, ...]) -> str:
+    """`` | grad/BCE lsd 0.41x cos +0.05 ... | logit std 1.21 | clipped 3%`` from a summary row ('' if absent)."""
+    import math
+
+    def finite(v):
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    parts = []
+    gb = row.get("gnorm_bce")
+    for t in terms:
+        gn, cos = row.get(f"gnorm_{t}"), row.get(f"gcos_{t}")
+        if t not in ("loss", "bce") and finite(gn) and finite(cos) and finite(gb) and gb > 0:
+            parts.append(f"{t} {gn / gb:.2f}x cos {cos:+.2f}")
+    text = f" | grad/BCE {', '.join(parts)}" if parts else ""
+    if finite(row.get("train_logit_row_std")):
+        text += f" | logit std {row['train_logit_row_std']:.2f}"
+    if finite(row.get("clip_frac")):
+        text += f" | clipped {row['clip_frac']:.0%}"
+    return text
 
 
 def final_summary(t) -> str:
@@ -116,4 +142,14 @@ def final_summary(t) -> str:
                  f"{', '.join(map(str, collapsed))}; {state}); its metrics describe a degenerate model. "
                  f"{advice(t.args)}. See summary.csv (top1_mode_frac, max_abs_logit, bce_rise, collapse) "
                  "and docs/TRAINING.md.")
+    opposed = [r["epoch"] for r in t.history if r.get("sd_opposes_bce")]
+    if opposed:
+        from mskd_fast.diagnostics import opposing_terms
+
+        now = opposing_terms(t.history)
+        state = ("at the end: " + "; ".join(now)) if now else "not at the end"
+        text += (f"\nWARNING: self-distillation opposed the supervision (a term's gradient on the classifier pointed "
+                 f"against BCE's for {len(opposed)} epoch(s), {state}); such a run usually trails vanilla. Try that "
+                 "term's weight lower or the term off (--no-lsd/--no-rsd/--no-ssd). See summary.csv (gnorm_*, gcos_*) "
+                 "and docs/TRAINING.md, 'Diagnostics'.")
     return text

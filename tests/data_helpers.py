@@ -105,3 +105,29 @@ def make_solid_manifest(root: str, num: int, num_classes: int = 5, fmt: str = "p
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("\n".join(classes) + "\n")
     return root, labels
+
+
+def write_idx(path: str, array: np.ndarray) -> str:
+    """Write ``array`` (uint8, ``(n, rows, cols)`` images or ``(n,)`` labels) as an IDX file (gzip if ``.gz``)."""
+    import gzip
+    import struct
+
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = (struct.pack(">IIII", 2051, *array.shape) if array.ndim == 3 else struct.pack(">II", 2049, len(array)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
+
+
+def make_fake_fashion_mnist(root: str, side: int = 6, n_train: int = 60000, n_test: int = 10000) -> str:
+    """A Fashion-MNIST look-alike in ``root`` (gzip IDX files, the package's names): ``side`` x ``side`` items,
+    each a bright square whose size encodes nothing, labels ``i % 10``; small enough to write in a second."""
+    rng = np.random.default_rng(0)
+    for kind, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 60, size=(n, side, side), dtype=np.uint8)
+        images[:, 1:-1, 1:-1] = 200
+        write_idx(os.path.join(root, f"{kind}-images-idx3-ubyte.gz"), images)
+        write_idx(os.path.join(root, f"{kind}-labels-idx1-ubyte.gz"), (np.arange(n) % 10).astype(np.uint8))
+    return root

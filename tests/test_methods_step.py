@@ -148,6 +148,25 @@ def test_state_round_trip_continues_exactly(name):
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_loss_parts_sum_to_the_loss_and_feed_the_diagnostics(name):
+    _, method, step = _setup(name)
+    x, y, ids = _batch(seed=1)
+    step(x, y, sample_ids=ids, epoch=1)  # methods with carried state reach their steady state
+    x, y, ids = _batch(seed=2)
+    out = method(x, y, sample_ids=ids, epoch=1)
+    parts = method.loss_parts()
+    assert tuple(parts) == method.diagnostic_terms and method.diagnostic_terms[0] == "bce"
+    torch.testing.assert_close(sum(parts.values()), out["loss"])
+    method.after_step(torch.zeros((), dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="loss_parts"):
+        method.loss_parts()
+    result = step(x, y, diagnose=True, sample_ids=ids, epoch=1)
+    assert torch.isfinite(result["gnorm_bce"]) and result["gnorm_bce"] > 0
+    for term in method.diagnostic_terms[1:]:
+        assert f"gnorm_{term}" in result and f"gcos_{term}" in result, term
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_the_compute_region_has_no_graph_break(name):
     _, method, step = _setup(name, amp_dtype=torch.bfloat16)
     x, y, ids = _batch(seed=1)

@@ -40,12 +40,12 @@ def _nan_after(monkeypatch, first_bad: int, last_bad: int | None = None):
     original = MSKDLoss.forward
     count = {"n": 0}
 
-    def patched(self, *args):
-        total, terms = original(self, *args)
+    def patched(self, *args, **kwargs):  # (total, terms) or, on diagnostic steps, (total, terms, parts)
+        total, *rest = original(self, *args, **kwargs)
         count["n"] += 1
         if count["n"] >= first_bad and (last_bad is None or count["n"] <= last_bad):
             total = total * float("nan")
-        return total, terms
+        return (total, *rest)
 
     monkeypatch.setattr(MSKDLoss, "forward", patched)
 

@@ -32,8 +32,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         "--data-dir",
         default=None,
         help="dataset folder (voc: holds VOCdevkit/ or is VOC2007/; coco: holds train2014/ val2014/ "
-        "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder; fashion-multi: folder of the Fashion-MNIST IDX files, default "
-        "/usr/share/datasets/fashion-mnist)",
+        "annotations/; mirflickr, nuswide, manifest: see docs/DATA.md; synthetic: cache folder; fashion-multi: "
+        "folder of the Fashion-MNIST IDX files, if not /usr/share/datasets/fashion-mnist)",
     )
     g.add_argument("--train-split", default=None, help="training split; unset: trainval for voc, train otherwise")
     g.add_argument("--eval-split", default=None, help="evaluation split; unset: test (for coco that is val2014)")

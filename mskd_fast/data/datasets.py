@@ -24,7 +24,8 @@ _EVAL_SPLIT: dict[str, str] = {}
 
 
 def synthetic_val_size(n_train: int) -> int:
-    """Images of the ``val`` split (synthetic, fashion-multi) carved from a ``train`` split of ``n_train`` (0 when ``n_train < 2``)."""
+    """Images of the ``val`` split (synthetic, fashion-multi) carved from a ``train`` split of ``n_train`` (0 when
+    ``n_train < 2``)."""
     return max(1, round(SYNTHETIC_VAL_FRACTION * n_train)) if n_train > 1 else 0
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .generated import JPEG_QUALITY, cache_root as _cache_root
-from .generated import ensure_generated, write_voc_split
+from .generated import JPEG_QUALITY, ensure_generated, write_voc_split
+from .generated import cache_root as _cache_root
 
 GENERATOR_VERSION = 1
 META_FILE = "mskd_synthetic.json"

@@ -10,6 +10,8 @@ hyper-parameters. Per batch the loop calls::
 ``out`` holds ``"loss"`` (differentiable 0-dim), ``"logits"`` ``(B, C)`` (the student's logits of ``images``)
 and one detached float 0-dim tensor per name in :attr:`SelfDistillationMethod.terms` (the first is always
 ``"bce"``: the plain BCE of those logits against ``targets``, the column the trainer's collapse guard reads).
+:meth:`SelfDistillationMethod.loss_parts` gives the last call's loss as weighted, differentiable parts that sum
+to ``"loss"`` (``"bce"`` first; names :attr:`diagnostic_terms`), for the trainer's gradient diagnostics.
 
 A call is split in two: :meth:`prepare` (eager: random draws from the trainer's box generator, host-side
 state such as the epoch) and :meth:`compute` (tensors only; compiled with ``torch.compile`` by
@@ -98,6 +100,7 @@ class SelfDistillationMethod(nn.Module):
     title: ClassVar[str] = ""
     terms: ClassVar[tuple[str, ...]] = ("bce",)
     needs_sample_ids: ClassVar[bool] = False
+    diagnostic_terms: ClassVar[tuple[str, ...]] = ("bce",)  # names of loss_parts(), "bce" first
     flags: ClassVar[tuple[MethodFlag, ...]] = ()  # its trainer flags (defaults = the method's own)
     context: ClassVar[tuple[str, ...]] = ()  # run facts the trainer passes: num_samples, epochs, generator
 
@@ -123,12 +126,14 @@ class SelfDistillationMethod(nn.Module):
 
     # ------------------------------------------------------------------ one call
     def forward(self, images: torch.Tensor, targets: torch.Tensor, *, sample_ids: torch.Tensor | None = None,
-                epoch: int = 0) -> dict[str, torch.Tensor]:
+                epoch: int = 0, eager: bool = False) -> dict[str, torch.Tensor]:
         """``images (B,3,H,W)``, ``targets (B,C)`` 0/1, ``sample_ids (B,)`` int64 rows of the training set,
-        ``epoch`` (0-based) -> ``{"loss", "logits", *terms}`` (see the module docstring)."""
+        ``epoch`` (0-based) -> ``{"loss", "logits", *terms}`` (see the module docstring). ``eager``: do not use
+        the compiled :meth:`compute` for this call (the trainer's diagnostic steps)."""
         self.check_inputs(images, targets, sample_ids)
         inputs = self.prepare(images, targets, sample_ids, epoch)
-        fn = self._compiled if (self._compiled is not None and self.use_compiled()) else self.compute
+        compiled = self._compiled is not None and self.use_compiled() and not eager
+        fn = self._compiled if compiled else self.compute
         out = fn(**inputs)
         self._pending = {k: out.pop(k) for k in [k for k in out if k.startswith("_")]}
         return out
@@ -175,11 +180,21 @@ class SelfDistillationMethod(nn.Module):
         """After the optimizer step; ``skipped`` is the device 0-dim flag (1: the update was skipped)."""
         self._pending = None
 
-    def terms_out(self, loss: torch.Tensor, logits: torch.Tensor, **terms: torch.Tensor) -> dict:
-        """The output dict: ``loss``, ``logits`` and each term detached as float32."""
+    def terms_out(self, loss: torch.Tensor, logits: torch.Tensor, parts: dict[str, torch.Tensor],
+                  **terms: torch.Tensor) -> dict:
+        """The output dict: ``loss``, ``logits``, each term detached as float32, and ``parts`` (the weighted,
+        differentiable parts of ``loss``, kept for :meth:`loss_parts`)."""
         out = {"loss": loss, "logits": logits}
         out.update({k: v.detach().float() for k, v in terms.items()})
+        out["_parts"] = parts
         return out
+
+    def loss_parts(self) -> dict[str, torch.Tensor]:
+        """The last call's loss as weighted, differentiable parts (names :attr:`diagnostic_terms`; they sum to
+        the loss). Valid between a call and :meth:`after_step`."""
+        if not self._pending or "_parts" not in self._pending:
+            raise RuntimeError("loss_parts() is only available after a call and before after_step()")
+        return self._pending["_parts"]
 
     # ------------------------------------------------------------------ parameters and state
     def extra_parameters(self) -> list[nn.Parameter]:

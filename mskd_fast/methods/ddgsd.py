@@ -64,6 +64,7 @@ class DDGSD(SelfDistillationMethod):
     name = "ddgsd"
     title = "DDGSD"
     terms = ("bce", "bce2", "kl", "mmd")
+    diagnostic_terms = ("bce", "bce2", "kl", "mmd")
     flags = (
         MethodFlag("--ddgsd-kl-weight", "kl_weight", float, 1.0, "weight of the symmetric Bernoulli KL"),
         MethodFlag("--ddgsd-temperature", "temperature", float, 4.0, "T of the symmetric KL", "positive"),
@@ -91,7 +92,9 @@ class DDGSD(SelfDistillationMethod):
         logits, features = self.student(torch.cat([images, view2]), with_features=True)
         loss, terms = ddgsd_loss(logits[:batch], logits[batch:], features[:batch], features[batch:], targets,
                                  kl_weight=self.kl_weight, temperature=self.temperature, mmd_weight=self.mmd_weight)
-        return self.terms_out(loss, logits[:batch], **terms)
+        parts = {"bce": terms["bce"], "bce2": terms["bce2"], "kl": self.kl_weight * terms["kl"],
+                 "mmd": self.mmd_weight * terms["mmd"]}
+        return self.terms_out(loss, logits[:batch], parts, **terms)
 
     def extra_repr(self) -> str:
         return f"kl_weight={self.kl_weight}, T={self.temperature}, mmd_weight={self.mmd_weight}, second view on device"

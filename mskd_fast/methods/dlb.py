@@ -63,6 +63,7 @@ class DLB(SelfDistillationMethod):
     name = "dlb"
     title = "DLB"
     terms = ("bce", "kd")
+    diagnostic_terms = ("bce", "kd")
     flags = (
         MethodFlag("--dlb-alpha", "alpha", float, 1.0, "weight of the T^2-scaled Bernoulli KL on the carried half"),
         MethodFlag("--dlb-temperature", "temperature", float, 3.0, "T of the last-mini-batch KL", "positive"),
@@ -108,7 +109,8 @@ class DLB(SelfDistillationMethod):
             logits, carried = both[:batch], both[batch:]
         loss, terms = dlb_loss(logits, targets, carried, stored_logits, alpha=self.alpha,
                                temperature=self.temperature, valid=1.0 if stored_valid is None else stored_valid)
-        out = self.terms_out(loss, logits, **terms)
+        parts = {"bce": terms["bce"], "kd": self.alpha * self.temperature**2 * terms["kd"]}
+        out = self.terms_out(loss, logits, parts, **terms)
         half = batch // 2
         out["_images"] = images[batch - half:]
         out["_logits"] = logits[batch - half:].detach().float()

@@ -91,6 +91,7 @@ class MulSupCon(SelfDistillationMethod):
     name = "mulsupcon"
     title = "MulSupCon"
     terms = ("bce", "supcon")
+    diagnostic_terms = ("bce", "supcon")
     flags = (
         MethodFlag("--mulsupcon-weight", "weight", float, 1.0, "weight of the contrastive term in the joint loss"),
         MethodFlag("--mulsupcon-temperature", "temperature", float, 0.1, "tau of the contrastive softmax",
@@ -149,7 +150,8 @@ class MulSupCon(SelfDistillationMethod):
         valid = torch.cat([batch_valid, self.queue_full.expand(self.queue.shape[0])])
         supcon = mulsupcon_loss(queries, targets, all_keys, all_labels, temperature=self.temperature, key_valid=valid)
         bce = bce_term(logits, targets)
-        out = self.terms_out(bce + self.weight * supcon, logits, bce=bce, supcon=supcon)
+        parts = {"bce": bce, "supcon": self.weight * supcon}
+        out = self.terms_out(bce + self.weight * supcon, logits, parts, bce=bce, supcon=supcon)
         out["_keys"] = keys
         out["_labels"] = targets.to(keys.dtype)
         return out

@@ -68,13 +68,18 @@ class PartialSoftmaxBCELoss(nn.Module):
         check_positive("temperature", temperature)
         self.weight, self.temperature = weight, temperature
 
-    def forward(self, q, r, o, q_prev, targets):
+    diagnostic_terms = ("bce", "ud")
+
+    def forward(self, q, r, o, q_prev, targets, return_parts: bool = False):
         if r is not None or o is not None or q_prev is not None:
-            raise ValueError("the UD partial-softmax loss uses no crops and no previous logits: r, o, q_prev must be None")
+            raise ValueError("the UD partial-softmax loss uses no crops and no previous logits: r, o, q_prev must "
+                             "be None")
         bce = F.binary_cross_entropy_with_logits(q, targets.to(q.dtype))
         ud = partial_softmax_loss(q, targets, self.temperature)
-        total = bce + self.weight * ud
-        return total, {"bce": bce.detach().float(), "ud": ud.detach().float()}
+        weighted = self.weight * ud
+        total = bce + weighted
+        terms = {"bce": bce.detach().float(), "ud": ud.detach().float()}
+        return (total, terms, {"bce": bce, "ud": weighted}) if return_parts else (total, terms)
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, temperature={self.temperature}"

@@ -65,6 +65,7 @@ class PSKD(SelfDistillationMethod):
     name = "pskd"
     title = "PS-KD"
     terms = ("bce", "soft_bce")
+    diagnostic_terms = ("bce", "pskd")  # pskd = soft_bce - bce: what the soft target changes
     needs_sample_ids = True
     flags = (MethodFlag("--pskd-alpha", "alpha_T", float, 0.8,
                         "alpha_T: weight of last epoch's prediction in the soft target at the last epoch", "unit"),)
@@ -98,7 +99,8 @@ class PSKD(SelfDistillationMethod):
     def compute(self, images, targets, sample_ids):
         logits = self.student(images)
         loss, terms = pskd_loss(logits, targets, self.bank[sample_ids], self.alpha_t, self.seen[sample_ids])
-        out = self.terms_out(loss, logits, **terms)
+        parts = {"bce": terms["bce"], "pskd": terms["soft_bce"] - terms["bce"]}
+        out = self.terms_out(loss, logits, parts, **terms)
         out["_probs"] = torch.sigmoid(logits.detach()).float()
         out["_ids"] = sample_ids
         return out

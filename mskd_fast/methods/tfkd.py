@@ -64,6 +64,7 @@ class TFKD(SelfDistillationMethod):
     name = "tfkd"
     title = "TF-KD"
     terms = ("bce", "kd")
+    diagnostic_terms = ("bce", "kd")
     flags = (
         MethodFlag("--tfkd-correct-prob", "correct_prob", float, 0.9,
                    "a: the virtual teacher's probability of a label present (1-a for one absent)", "above_half"),
@@ -80,7 +81,8 @@ class TFKD(SelfDistillationMethod):
         logits = self.student(images)
         loss, terms = tfkd_loss(logits, targets, correct_prob=self.correct_prob, alpha=self.alpha,
                                 temperature=self.temperature)
-        return self.terms_out(loss, logits, **terms)
+        parts = {"bce": terms["bce"], "kd": self.alpha * self.temperature**2 * terms["kd"]}
+        return self.terms_out(loss, logits, parts, **terms)
 
     def extra_repr(self) -> str:
         return f"a={self.correct_prob}, alpha={self.alpha}, T={self.temperature}"

@@ -27,6 +27,7 @@ class UD(SelfDistillationMethod):
     name = "ud"
     title = "UD partial softmax"
     terms = ("bce", "ud")
+    diagnostic_terms = ("bce", "ud")
     flags = (
         MethodFlag("--ud-weight", "weight", float, 0.1, "--method ud: weight c of the partial-softmax term "
                    "(BCE + c * PS)"),
@@ -40,8 +41,8 @@ class UD(SelfDistillationMethod):
 
     def compute(self, images, targets):
         logits = self.student(images)
-        loss, terms = self.loss(logits, None, None, None, targets)
-        return self.terms_out(loss, logits, **terms)
+        loss, terms, parts = self.loss(logits, None, None, None, targets, return_parts=True)
+        return self.terms_out(loss, logits, parts, **terms)
 
     def extra_repr(self) -> str:
-        return f"weight={self.loss.weight}, T={self.loss.temperature}"
+        return f"weight {self.loss.weight}, T={self.loss.temperature}"  # the header line of the step-path version

@@ -107,6 +107,7 @@ class USKD(SelfDistillationMethod):
     name = "uskd"
     title = "USKD"
     terms = ("bce", "pos", "non", "aux")
+    diagnostic_terms = ("bce", "pos", "non", "aux")
     flags = (
         MethodFlag("--uskd-alpha", "alpha", float, 1.0,
                    "weight of the positives' soft-target term (CIFAR config: 0.1)"),
@@ -147,7 +148,9 @@ class USKD(SelfDistillationMethod):
         with torch.autocast(images.device.type, enabled=False):
             aux_logits = self.aux_head(pooled.float())
         loss, terms = uskd_loss(logits, aux_logits, targets, alpha=self.alpha, beta=self.beta, mu=self.mu)
-        return self.terms_out(loss, logits, **terms)
+        parts = {"bce": terms["bce"], "pos": self.alpha * terms["pos"], "non": self.beta * terms["non"],
+                 "aux": self.mu * terms["aux"]}
+        return self.terms_out(loss, logits, parts, **terms)
 
     def extra_repr(self) -> str:
         return (f"alpha={self.alpha}, beta={self.beta}, mu={self.mu}, auxiliary head on {self.stage_name} "

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validation import check_choice, check_float, check_nonempty, check_positive, check_rank, check_same_device, check_same_shape
+from .._validation import (
+    check_choice,
+    check_float,
+    check_nonempty,
+    check_positive,
+    check_rank,
+    check_same_device,
+    check_same_shape,
+)
 from ._backend import use_triton
 
 __all__ = ["relation_loss", "check_crop_logits"]
