@@ -161,3 +161,52 @@ def test_synthetic_val_is_the_last_fifth_of_train_and_disjoint_from_train_fit(tm
     assert len(val) == 2 and len(fit) == 10  # round(0.2 * 12)
     assert fit.paths + val.paths == train.paths  # the last images are val; nothing shared, nothing lost
     assert not set(val.paths) & set(load_index("synthetic", None, "test", synthetic=config).paths)
+
+
+@pytest.mark.slow
+def test_fashion_smoke_study_runs_every_phase(study, tmp_path, capsys):
+    """The real-object study's machinery end to end on tiny fake Fashion-MNIST files (never the Debian package):
+    pretraining, phase 1, the val rules, phase 2, results.md with every table and the decision."""
+    from data_helpers import make_fake_fashion_mnist
+
+    fake = make_fake_fashion_mnist(str(tmp_path / "idx"))
+    out = tmp_path / "study"
+    argv = ["--profile", "fashion-tiny", "--smoke", "--device", "cpu", "--seeds", "1", "--output", str(out),
+            "--synthetic-cache", str(tmp_path / "cache"), "--fashion-dir", fake]
+    assert study.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "pretrained backbone written" in printed and "phase 1: 4 variants" in printed and "phase 2" in printed
+    md = (out / "results.md").read_text()
+    for heading in ("## Test split", "## Validation split", "## Gradient diagnostics", "## Decisions",
+                    "## Recall by object size"):
+        assert heading in md, heading
+    rows = _table_rows(md, "| run | seeds | mAP | OP |")
+    assert {"Vanilla (BCE)", "MSKD stable"} <= set(rows) and len(rows) == 5
+    for cells in rows.values():
+        assert all(0.0 <= float(v) <= 100.0 for v in cells[1:10])  # the nine metrics
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["decisions"]["default"]["chosen"] in {v["name"] for v in doc["variants"] if v["kind"] == "mskd"}
+    run = next(r for r in doc["runs"] if r["variant"] == "stable")
+    assert "gnorm_bce" in run["diagnostics"] and len(run["loss_history"]) == 1
+    args = (out / "runs" / "stable-s1" / "args.yaml").read_text()
+    assert "fashion-multi" in args and "initial_checkpoint" in args and "weight_decay: 0.0001" in args
+
+
+def test_fashion_rules(study):
+    import study_fashion as sf
+
+    assert sf.best_of({"a": [1.0, 2.0], "b": [2.0, 1.0], "c": [1.0, 1.0]}) == "a"  # ties: the first in order
+    d = sf.choose_default({"x": {"val": [50.0, 52.0], "collapsed": [0, 1]},
+                           "y": {"val": [49.0, 49.5], "collapsed": [0, 0]},
+                           "z": {"val": [40.0], "collapsed": [0]}})
+    assert d["chosen"] == "y" and d["excluded"] == ["x"] and [r[0] for r in d["ranking"]] == ["x", "y", "z"]
+    assert sf.choose_default({"x": {"val": [1.0], "collapsed": [1]}})["chosen"] is None
+    drops = sf.ablations(sf.STABLE)
+    assert [v.flags[-1] for v in drops] == ["--no-lsd", "--no-rsd", "--no-ssd"]
+    assert all(v.flags[:-1] == sf.STABLE.flags for v in drops)
+    assert sf.ablations(sf.SSD[0]) == []  # dropping its only term would be vanilla
+    p2 = sf.phase2(sf.STABLE, sf.SSD[1])
+    assert p2[-1].epochs_factor == 2 and "--teacher-bn" in p2[-2].flags and "0.25" in p2[-1].flags
+    names = [v.name for v in sf.PHASE1]
+    assert len(set(names)) == len(names)
+    assert {v.kind for v in sf.PHASE1} == {"vanilla", "mskd", "control"}
