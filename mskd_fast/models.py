@@ -94,13 +94,20 @@ class MSKDModel(nn.Module):
         with torch.autocast(pooled.device.type, enabled=False):
             return self.fc(pooled.float())
 
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None, *, with_features: bool = False):
         """``q (B,C)`` for ``x (B,3,H,W)``; with ``boxes (B,S,4)`` (input pixels, x1,y1,x2,y2) also ``r (B,S,C)``.
 
-        Crop rows are image-major: ``r[i, s]`` is crop ``s`` of image ``i``.
+        Crop rows are image-major: ``r[i, s]`` is crop ``s`` of image ``i``. ``with_features=True`` (no boxes)
+        returns ``(q, pooled)`` with the globally pooled features ``pooled (B,D)`` the head reads (for methods
+        with a loss on features, which must forward through a DDP wrapper).
         """
         f = self.features(x)
-        q = self.head(f.mean(dim=(2, 3)))
+        pooled = f.mean(dim=(2, 3))
+        q = self.head(pooled)
+        if with_features:
+            if boxes is not None:
+                raise ValueError("with_features=True returns (q, pooled) and takes no boxes")
+            return q, pooled
         if boxes is None:
             return q
         from mskd_fast.ops import roi_pool

@@ -88,8 +88,9 @@ def write_scale_recall(prefix: str, table: Sequence[Mapping], label: str) -> lis
     return paths
 
 
-def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "") -> str:
-    """Loss terms, mAP and learning rate per epoch, three panels, written atomically to ``path``."""
+def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "",
+                         terms: Sequence[str] = ("loss", "bce", "lsd", "rsd", "ssd")) -> str:
+    """Loss terms (the columns ``terms``), mAP and learning rate per epoch, three panels, written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -97,7 +98,7 @@ def plot_training_curves(history: Sequence[Mapping], path: str, title: str = "")
     FigureCanvasAgg(fig)
     ax_loss, ax_map, ax_lr = fig.subplots(1, 3)
     epochs = [row["epoch"] for row in history]
-    for key in ("loss", "bce", "lsd", "rsd", "ssd"):
+    for key in terms:
         values = [row.get(key) for row in history]
         if any(isinstance(v, float) and v != 0.0 for v in values):
             ax_loss.plot(epochs, values, marker="o", markersize=3, label=key)

@@ -123,11 +123,14 @@ def checkpoint_state(trainer, kind: str, next_batch) -> dict | None:
     t = trainer
     step_state = t.step.state_dict()
     fp = None if next_batch is None else fingerprint(next_batch[0], next_batch[2])
-    local = {"rng": capture_rng(t.box_generator), "q_prev": step_state["q_prev"], "fp": fp}
+    local = {"rng": capture_rng(t.box_generator), "q_prev": step_state["q_prev"], "fp": fp,
+             "method": None if t.step.method is None else t.step.method.rank_state_dict()}
     gathered = all_gather_objects(t.ctx, local)
     if not t.ctx.is_main:
         return None
     step_state["q_prev_per_rank"] = [g["q_prev"] for g in gathered]
+    if t.step.method is not None:  # a method object's per-process state (e.g. DLB's stored half batch)
+        step_state["method_per_rank"] = [g["method"] for g in gathered]
     look_ahead = gathered[0]["fp"]
     if t.ctx.distributed and look_ahead is not None:
         look_ahead = dict(look_ahead, per_rank=[g["fp"] for g in gathered])
@@ -198,6 +201,13 @@ def restore_state(trainer, blob: dict) -> list[str]:
         t.look_ahead_fp = fps[ctx.rank] if fps and len(fps) == ctx.world_size else None
         if t.look_ahead_fp is None:
             t.step.drop_q_prev()
+    method_all = blob["step_state"].get("method_per_rank")
+    if t.step.method is not None and method_all is not None:
+        if len(method_all) == ctx.world_size:
+            t.step.method.load_rank_state_dict(method_all[ctx.rank])
+        else:
+            notes.append(f"the checkpoint has {t.args.method} state of {len(method_all)} processes, this run has "
+                         f"{ctx.world_size}: that per-process state restarts empty (not bit-exact)")
     q_prev_all = blob["step_state"].get("q_prev_per_rank")
     if q_prev_all is not None:
         q = q_prev_all[ctx.rank] if len(q_prev_all) == ctx.world_size else None

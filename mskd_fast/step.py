@@ -59,7 +59,6 @@ __all__ = [
 ]
 
 CROP_MODES = ("random", "corners")
-STEP_METHODS = ("mskd", "vanilla", "ud")
 RANDOM_AREA = (0.2, 0.3)
 RANDOM_RATIO = (2.0 / 5.0, 5.0 / 3.0)
 _CORNER_BOXES: dict[tuple, torch.Tensor] = {}  # (batch, H, W, device) -> (B, 4, 4) boxes, never written to
@@ -113,8 +112,8 @@ def sample_boxes(
 
 @dataclass
 class StepConfig:
-    """What one step computes. ``method="vanilla"`` = BCE only (no crops, no teacher, no look-ahead); ``"ud"`` =
-    the same student-only forward with the UD partial-softmax loss (:mod:`mskd_fast.methods.partial_softmax`)."""
+    """What one step computes. ``method="vanilla"`` = BCE only (no crops, no teacher, no look-ahead); any other
+    name but ``"mskd"`` is a method object of :mod:`mskd_fast.methods` (passed to ``TrainStep(method=...)``)."""
 
     method: str = "mskd"
     crops: int = 4
@@ -128,8 +127,10 @@ class StepConfig:
     teacher_batch_stats: bool = False  # teacher BN uses batch statistics: crops and look-ahead forwarded apart
 
     def __post_init__(self):
-        if self.method not in STEP_METHODS:
-            raise ValueError(f"method must be one of {STEP_METHODS}, got {self.method!r}")
+        from mskd_fast.methods import METHODS
+
+        if self.method not in ("mskd", "vanilla", *METHODS):
+            raise ValueError(f"method must be one of {', '.join(('mskd', 'vanilla', *METHODS))}, got {self.method!r}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if not isinstance(self.crops, int) or self.crops < 1:
@@ -150,9 +151,12 @@ class StepConfig:
 
 def build_optimizer(
     model: nn.Module, lr: float, *, momentum: float = 0.9, weight_decay: float = 5e-4,
-    backbone_lr_mult: float = 0.1,
+    backbone_lr_mult: float = 0.1, extra_params=None,
 ) -> torch.optim.SGD:
     """Fused SGD with two groups: the backbone at ``lr * backbone_lr_mult`` and the classifier at ``lr``.
+
+    ``extra_params``: trainable parameters of a method object (an auxiliary or projection head), a third group
+    ``"method"`` at ``lr``.
 
     Momentum buffers are created as zeros (see the module docstring). Weight decay applies to every
     parameter, as in the paper's recipe.
@@ -164,6 +168,8 @@ def build_optimizer(
         {"params": backbone, "lr": lr * backbone_lr_mult, "name": "backbone"},
         {"params": head, "lr": lr, "name": "head"},
     ]
+    if extra_params:
+        groups.append({"params": list(extra_params), "lr": lr, "name": "method"})
     opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     if momentum != 0:
         for group in opt.param_groups:
@@ -212,44 +218,61 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, sched
 
 
 class TrainStep:
-    """The MSKD (or vanilla) training step; call it once per batch.
+    """The training step of every method; call it once per batch.
+
+    ``mskd`` and ``vanilla`` run :meth:`forward_loss` here; every other method is a method object
+    (:mod:`mskd_fast.methods`) that owns its forward and loss, called at the single dispatch point in
+    :meth:`__call__`. The step keeps the update for all: clipping, the device-side non-finite skip with BN
+    rollback (the method's sub-module statistics included), AMP/GradScaler, the scheduler, then the method's
+    ``after_step`` hook (banks, queues, momentum encoders; told whether the update was skipped).
 
     Args:
         model: the student ``MSKDModel``, possibly wrapped in DDP; ``model(x, boxes) -> (q, r)``.
         teacher: ``eval_twin`` of the (unwrapped) student: same tensors, eval behaviour.
-        loss_fn: ``MSKDLoss`` configured with the same switches as ``config`` (``--method ud``:
-            :class:`mskd_fast.methods.PartialSoftmaxBCELoss`, same call signature).
+        loss_fn: ``MSKDLoss`` configured with the same switches as ``config`` (``None`` for a method object).
         optimizer: SGD from :func:`build_optimizer` (fused, so non-finite steps skip on the device).
         scheduler: per-step LR scheduler (or ``None``).
         config: :class:`StepConfig`.
         generator: ``torch.Generator`` on the training device, for the crop boxes.
         scaler: ``torch.amp.GradScaler`` for float16 AMP, else ``None``.
-        compile: compile ``forward_loss`` with ``torch.compile``.
+        compile: compile ``forward_loss`` (or the method object's ``compute``) with ``torch.compile``.
         fullgraph: compile with ``fullgraph=True`` (graph breaks become errors); DDP needs ``False``.
+        method: the method object when ``config.method`` is neither ``mskd`` nor ``vanilla`` (its
+            ``extra_parameters()`` must be in ``optimizer``); ``teacher`` and ``loss_fn`` are then unused.
     """
 
-    def __init__(self, model, teacher, loss_fn: MSKDLoss, optimizer, scheduler, config: StepConfig,
+    def __init__(self, model, teacher, loss_fn: MSKDLoss | None, optimizer, scheduler, config: StepConfig,
                  generator: torch.Generator | None, *, scaler=None, compile: bool = False,
-                 fullgraph: bool = True):
+                 fullgraph: bool = True, method=None):
         self.model, self.teacher, self.loss_fn = model, teacher, loss_fn
         self.optimizer, self.scheduler, self.config = optimizer, scheduler, config
         self.generator, self.scaler = generator, scaler
+        self.method = method
+        if config.method in ("mskd", "vanilla"):
+            if method is not None:
+                raise ValueError(f"method {config.method!r} runs without a method object, got {type(method).__name__}")
+            if not isinstance(loss_fn, MSKDLoss):
+                raise TypeError(f"method {config.method!r} needs an MSKDLoss, got {type(loss_fn).__name__}")
+        elif method is None or getattr(method, "name", None) != config.method:
+            raise ValueError(f"method {config.method!r} needs its method object (mskd_fast.methods.build_method), "
+                             f"got {type(method).__name__}")
         if config.method == "mskd" and (
             loss_fn.use_lsd != config.use_lsd or loss_fn.use_rsd != config.use_rsd
             or loss_fn.use_ssd != config.use_ssd
         ):
             raise ValueError("loss_fn switches (use_lsd/use_rsd/use_ssd) must match the StepConfig")
-        if config.method == "ud":
-            from mskd_fast.methods import PartialSoftmaxBCELoss
-
-            if not isinstance(loss_fn, PartialSoftmaxBCELoss):
-                raise ValueError("method 'ud' needs a PartialSoftmaxBCELoss")
-        elif config.method == "vanilla" and (loss_fn.use_lsd or loss_fn.use_rsd or loss_fn.use_ssd):
+        if config.method == "vanilla" and (loss_fn.use_lsd or loss_fn.use_rsd or loss_fn.use_ssd):
             raise ValueError("vanilla training needs MSKDLoss(use_lsd=False, use_rsd=False, use_ssd=False)")
         if scaler is not None and config.amp_dtype != torch.float16:
             raise ValueError("a GradScaler is only used with amp_dtype=float16")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.stat_buffers = [b for b in unwrap(model).buffers() if b.is_floating_point()]
+        if method is not None:
+            in_optimizer = {id(p) for p in self.params}
+            if any(id(p) not in in_optimizer for p in method.extra_parameters()):
+                raise ValueError(f"the {config.method} method's own parameters are not in the optimizer: "
+                                 "build_optimizer(..., extra_params=method.extra_parameters())")
+            self.stat_buffers += method.rollback_buffers()
         device = self.params[0].device
         self.device = device
         self.q_prev: torch.Tensor | None = None
@@ -258,7 +281,9 @@ class TrainStep:
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_max_streak = torch.zeros((), dtype=torch.int64, device=device)
         self.compiled = None
-        if compile:
+        if compile and method is not None:
+            method.compile(fullgraph=fullgraph)
+        elif compile:
             self.compiled = torch.compile(self.forward_loss, fullgraph=fullgraph, dynamic=False)
 
     # ------------------------------------------------------------------ forward region
@@ -313,15 +338,17 @@ class TrainStep:
 
     # ------------------------------------------------------------------ full step
     def __call__(self, images: torch.Tensor, targets: torch.Tensor,
-                 next_images: torch.Tensor | None = None, diagnose: bool = False) -> dict[str, torch.Tensor]:
+                 next_images: torch.Tensor | None = None, diagnose: bool = False, *,
+                 sample_ids: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:
         """Run one step on ``images (B,3,H,W)``, ``targets (B,C)``.
 
-        ``next_images``: the batch the next call will get (S-SD look-ahead); ``None`` at the last step of
-        training (the current batch is forwarded instead, to keep compiled shapes static, and the result
-        dropped). Returns device tensors: ``total``, the loss terms (``bce``, ``lsd``, ``rsd``, ``ssd``;
-        ``bce``, ``ud`` for ``--method ud``), ``grad_norm``, ``clipped`` (1 when gradient clipping was
-        active) and ``skipped`` (1 when the step was skipped as non-finite); with ``diagnose`` (this step
-        runs eagerly) also the :mod:`mskd_fast.diagnostics` entries. No host synchronisation.
+        ``next_images``: the batch the next call will get (S-SD look-ahead; MSKD only); ``None`` at the last
+        step of training (the current batch is forwarded instead, to keep compiled shapes static, and the result
+        dropped). ``sample_ids (B,)`` int64 and ``epoch`` (0-based) go to a method object. Returns device
+        tensors: ``total``, the loss terms (``bce``, ``lsd``, ``rsd``, ``ssd`` for MSKD/vanilla; the method's
+        ``terms`` otherwise), ``grad_norm``, ``clipped`` (1 when gradient clipping was active) and ``skipped``
+        (1 when the step was skipped as non-finite); with ``diagnose`` (this step runs eagerly) also the
+        :mod:`mskd_fast.diagnostics` entries. No host synchronisation.
         """
         cfg = self.config
         batch = images.shape[0]
@@ -341,7 +368,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         saved_stats = torch._foreach_mul(self.stat_buffers, 1.0) if self.stat_buffers else []
         diag = {}
-        if diagnose:
+        if self.method is not None:  # the one dispatch point: every method but mskd/vanilla owns its forward
+            total, terms, q_next, diag = self._method_forward(images, targets, sample_ids, epoch, diagnose)
+        elif diagnose:
             total, terms, q_next, diag = self.forward_loss(images, targets, boxes, look_ahead, q_prev, diagnose=True)
         else:
             total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
@@ -365,6 +394,8 @@ class TrainStep:
                 del self.optimizer.found_inf
         for buf, old in zip(self.stat_buffers, saved_stats):
             torch.where(skipped, old, buf, out=buf)
+        if self.method is not None:
+            self.method.after_step(skipped)
         if self.scheduler is not None:
             self.scheduler.step()
         skipped_i = skipped.to(torch.int64)
@@ -382,6 +413,24 @@ class TrainStep:
         out["clipped"] = ((grad_norm > clip) if clip is not None else torch.zeros_like(skipped)).to(torch.int64)
         return out
 
+    def _method_forward(self, images, targets, sample_ids, epoch, diagnose=False):
+        """The method object's forward under the step's autocast; ``(total, terms, None, diagnostics)``.
+
+        ``diagnose``: an eager call, and :func:`mskd_fast.diagnostics.gradient_diagnostics` of the method's
+        weighted loss parts on the classifier (``{}`` otherwise).
+        """
+        cfg = self.config
+        amp = cfg.amp_dtype is not None
+        with torch.autocast(images.device.type, dtype=cfg.amp_dtype or torch.bfloat16, enabled=amp):
+            out = self.method(images, targets, sample_ids=sample_ids, epoch=epoch, eager=diagnose)
+        terms = {name: out[name] for name in self.method.terms}
+        diag = {}
+        if diagnose:
+            from mskd_fast.diagnostics import gradient_diagnostics
+
+            diag = gradient_diagnostics(self.method.loss_parts(), unwrap(self.model).fc.parameters(), out["logits"])
+        return out["loss"], terms, None, diag
+
     def _clip(self) -> torch.Tensor:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
@@ -392,14 +441,21 @@ class TrainStep:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """S-SD look-ahead logits and the non-finite counters (CPU tensors)."""
-        return {
+        """S-SD look-ahead logits, the non-finite counters and a method object's state (CPU tensors).
+
+        ``"method"``: the method object's ``state_dict`` (shared by all processes); its per-process state
+        (``rank_state_dict``) is gathered by the trainer's checkpoint code.
+        """
+        state = {
             "q_prev": None if self.q_prev is None else self.q_prev.detach().cpu(),
             "steps": self.steps,
             "nonfinite_total": self.nonfinite_total.cpu(),
             "nonfinite_streak": self.nonfinite_streak.cpu(),
             "nonfinite_max_streak": self.nonfinite_max_streak.cpu(),
         }
+        if self.method is not None:
+            state["method"] = {k: v.detach().cpu() for k, v in self.method.state_dict().items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         q_prev = state.get("q_prev")
@@ -408,6 +464,10 @@ class TrainStep:
         for key in ("nonfinite_total", "nonfinite_streak", "nonfinite_max_streak"):
             if key in state:
                 getattr(self, key).copy_(state[key])
+        if self.method is not None:
+            if "method" not in state:
+                raise ValueError(f"the checkpoint's step state has no {self.config.method} method state")
+            self.method.load_state_dict(state["method"])
 
     def drop_q_prev(self) -> None:
         """Forget the look-ahead logits (the next step runs without S-SD)."""

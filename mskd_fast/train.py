@@ -127,7 +127,7 @@ class EpochStats:
                 "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
 
     @classmethod
-    def from_state(cls, state: dict, device) -> EpochStats:
+    def from_state(cls, state: dict, device, terms: tuple = TERMS) -> EpochStats:
         """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
         return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
                    terms=tuple(state.get("terms", TERMS)), diag_keys=tuple(state.get("diag_keys", ())),
@@ -141,7 +141,6 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume: Resume | None):
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
-        from mskd_fast.methods import PartialSoftmaxBCELoss
         from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
         from mskd_fast.run_dir import check_run_folder, choose_run_folder
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
@@ -218,25 +217,33 @@ class Trainer:
             train_model = model
 
         # ---- loss, optimizer, schedule, step
+        self.method = None  # the method object of every method but mskd/vanilla (mskd_fast.methods)
+        if args.method not in ("mskd", "vanilla"):
+            from mskd_fast.methods import build_method
+
+            self.method = build_method(args.method, train_model, args, num_samples=len(self.train_index),
+                                       epochs=args.epochs, generator=self.box_generator)
+            self.method.sync_gradients()
         self.terms = terms_for(args.method)
         use = dict(use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd)
         if args.method != "mskd":
             use = dict(use_lsd=False, use_rsd=False, use_ssd=False)
-        if args.method == "ud":
-            loss_fn = PartialSoftmaxBCELoss(args.ud_weight, args.ud_temperature)
-        else:
+        loss_fn = None  # a method object owns its loss
+        if self.method is None:
             loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
                                omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
                                layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
                                recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
                                lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
                                rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
-        self.diag_keys = diagnostic_keys(("loss", *loss_fn.diagnostic_terms))
+        source = loss_fn if self.method is None else self.method
+        self.diag_keys = diagnostic_keys(("loss", *source.diagnostic_terms))
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
                             channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
         self.optimizer = build_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                         backbone_lr_mult=args.lr_backbone_mult)
+                                         backbone_lr_mult=args.lr_backbone_mult,
+                                         extra_params=None if self.method is None else self.method.extra_parameters())
         self.total_steps = self.steps_per_epoch * args.epochs
         self.scheduler = build_scheduler(
             self.optimizer, total_steps=self.total_steps,
@@ -246,7 +253,7 @@ class Trainer:
         step_teacher = batch_stat_twin(model) if args.teacher_bn == "batch" else self.teacher
         self.step = TrainStep(train_model, step_teacher, loss_fn, self.optimizer, self.scheduler, config,
                               self.box_generator, scaler=self.scaler, compile=args.compile,
-                              fullgraph=not ctx.distributed)
+                              fullgraph=not ctx.distributed, method=self.method)
 
         # ---- counters and state
         self.epoch = 0            # epochs completed
@@ -384,7 +391,8 @@ class Trainer:
                     bar.close()
                 return self._stop("signal", cur)
             diagnose = self.global_step % a.log_interval == 0
-            out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose)
+            out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose, sample_ids=ids,
+                            epoch=epoch)
             self.epoch_stats.add(out)
             self.epoch_stats.samples += images.shape[0] * ctx.world_size
             self.step_in_epoch = i + 1
@@ -494,11 +502,13 @@ class Trainer:
         return reasons
 
     def _sync_buffers(self) -> None:
-        """Under DDP each rank updated BN statistics with its own batches: use rank 0's everywhere."""
+        """Under DDP each rank updated BN statistics with its own batches: use rank 0's everywhere (also those of
+        a method object's sub-modules, e.g. MulSupCon's projection head and key encoder)."""
         if self.ctx.distributed:
             import torch.distributed as dist
 
-            for buf in self.model.buffers():
+            extra = [] if self.method is None else [b for c in self.method.children() for b in c.buffers()]
+            for buf in [*self.model.buffers(), *extra]:
                 dist.broadcast(buf, 0)
 
     def _evaluate(self, epoch: int):
@@ -521,7 +531,8 @@ class Trainer:
 
         write_summary_csv(os.path.join(self.out_dir, "summary.csv"), self.history)
         plot_training_curves(self.history, os.path.join(self.out_dir, "training_curves.png"),
-                             title=f"{self.args.method} {self.args.model} on {self.args.dataset}")
+                             title=f"{self.args.method} {self.args.model} on {self.args.dataset}",
+                             terms=self.terms)
 
     def _stop(self, reason: str, nxt) -> int:
         paths = self._save(["recovery.pt"], reason, nxt[2] if nxt is not None else None)

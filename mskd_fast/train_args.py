@@ -24,6 +24,7 @@ import os
 from mskd_fast._cli import ArgumentParser, HelpFormatter, set_help
 from mskd_fast.data import SyntheticConfig, add_data_args
 from mskd_fast.losses import RECIPES, resolve_recipe
+from mskd_fast.methods import METHODS, add_method_args, validate_method_args
 from mskd_fast.models import check_model
 
 __all__ = ["DEMO_CPU", "DEMO_GPU", "RECIPE_FLAGS", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.use_deterministic_algorithms(True) and no cuDNN autotuning (bit-exact resume tests)")
 
     k = p.add_argument_group("MSKD (SPEC defaults)")
-    k.add_argument("--method", choices=("mskd", "vanilla", "ud"), default="mskd",
-                   help="MSKD, plain BCE (vanilla), or BCE + the UD partial-softmax loss (ud, the label-push control "
-                        "of docs/ACCURACY.md); same code path, for fair comparisons")
+    k.add_argument("--method", choices=("mskd", "vanilla", *METHODS), default="mskd",
+                   help="MSKD, plain BCE (vanilla), or one of the paper's comparison methods (tfkd, pskd, dlb, "
+                        "ud, ...: their flags below, docs/METHODS.md; ud is also the label-push control of "
+                        "docs/ACCURACY.md); everything else is shared, for fair comparisons")
     k.add_argument("--recipe", choices=tuple(RECIPES), default="stable",
                    help="stable: MBD as a true divergence, R-SD teacher scale-matched, iota=0.15 (use this; "
                         "it does not collapse from scratch). paper: the paper's equations as written "
@@ -205,12 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--teacher-bn", choices=("eval", "batch"), default="eval",
                    help="teacher BatchNorm: running statistics (eval, SPEC 5) or, as an opt-in experiment for "
                         "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
-    k.add_argument("--ud-weight", type=float, default=0.1,
-                   help="--method ud: weight c of the partial-softmax term (BCE + c * PS)")
-    k.add_argument("--ud-temperature", type=float, default=4.0,
-                   help="--method ud: temperature T of the partial softmax")
     k.add_argument("--loss-backend", choices=("auto", "reference", "triton"), default="auto",
                    help="loss kernels: fused Triton on CUDA (auto), or the PyTorch reference")
+
+    add_method_args(p)
 
     r = p.add_argument_group("run")
     r.add_argument("--output", default="output", help="parent folder of the run folder")
@@ -342,8 +342,6 @@ def validate(args: argparse.Namespace) -> None:
           args.rsd_crop_temperature)
     for flag, value in (("--iota", args.iota), ("--kappa", args.kappa), ("--lambda", args.lam)):
         _need(finite(value) and value >= 0, flag, "a finite number >= 0", value)
-    _need(finite(args.ud_weight) and args.ud_weight >= 0, "--ud-weight", "a finite number >= 0", args.ud_weight)
-    _need(finite(args.ud_temperature) and args.ud_temperature > 0, "--ud-temperature", "> 0", args.ud_temperature)
     _need(args.log_interval >= 1, "--log-interval", ">= 1", args.log_interval)
     _need(args.eval_interval >= 0, "--eval-interval", ">= 0", args.eval_interval)
     _need(finite(args.threshold) and 0 < args.threshold < 1, "--threshold", "in (0, 1)", args.threshold)
@@ -358,4 +356,5 @@ def validate(args: argparse.Namespace) -> None:
     if args.experiment is not None:
         _need(args.experiment not in ("", ".", "..") and os.sep not in args.experiment, "--experiment",
               "a folder name (no path separators)", args.experiment)
+    validate_method_args(args)
     check_model(args.model, img_size=args.img_size, **args.model_kwargs)  # before any run folder exists

@@ -8,12 +8,19 @@ import time
 __all__ = ["TERMS", "diagnostics_text", "epoch_line", "final_summary", "header", "progress_text", "say", "terms_for"]
 
 TERMS = ("loss", "bce", "lsd", "rsd", "ssd")  # mskd and vanilla (vanilla's SD terms are 0)
-_METHOD_TERMS = {"ud": ("loss", "bce", "ud")}
 
 
 def terms_for(method: str) -> tuple[str, ...]:
-    """The loss columns (epoch means in summary.csv, the epoch line) of ``--method``: ``loss`` first."""
-    return _METHOD_TERMS.get(method, TERMS)
+    """The loss columns (epoch means in summary.csv, the epoch line) of ``--method``: ``loss`` first.
+
+    :data:`TERMS` for mskd/vanilla; ``loss`` and the method object's ``terms`` for the others
+    (:mod:`mskd_fast.methods`).
+    """
+    if method in ("mskd", "vanilla"):
+        return TERMS
+    from mskd_fast.methods import method_terms
+
+    return ("loss", *method_terms(method))
 
 
 def say(msg: str) -> None:
@@ -40,8 +47,6 @@ def header(t) -> str:
         f"lr {a.lr} (backbone x{a.lr_backbone_mult}) {a.sched} warmup {a.warmup_epochs} | "
         f"clip-grad {a.clip_grad or 'off'} | amp {amp} | compile {a.compile} | channels_last {a.channels_last}",
     ]
-    if a.method == "ud":
-        lines.append(f"  UD partial softmax: weight {a.ud_weight}, T={a.ud_temperature}")
     if a.method == "mskd":
         lines.append(f"  MSKD recipe {a.recipe}: MBD form {a.mbd_form}, R-SD teacher scale {a.rsd_teacher_scale} | "
                      f"S={a.crops} {a.crop_mode} crops, T={a.temperature} omega={a.omega} "
@@ -49,6 +54,8 @@ def header(t) -> str:
                      f"kappa={a.kappa} lambda={a.lam} L-SD terms {a.lsd_terms} R-SD teacher {a.rsd_teacher_reduce} "
                      f"crop-T {a.rsd_crop_temperature} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                      f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
+    elif getattr(t, "method", None) is not None:
+        lines.append(f"  {t.method.title}: {t.method.describe()}")
     lines.extend(f"  chosen: {note}" for note in t.notes)
     if t.resumes:
         r = t.resumes[-1]
