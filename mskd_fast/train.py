@@ -117,7 +117,7 @@ class Trainer:
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
         from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
-        from mskd_fast.run_dir import check_run_folder, choose_run_folder
+        from mskd_fast.run_dir import plan_run_folder
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
 
         self.args, self.ctx, self.notes = args, ctx, notes
@@ -127,12 +127,12 @@ class Trainer:
         self.resume_changes = {} if resume is None else resume.changes
         self.run_id = uuid.uuid4().hex
         self.resume_notes: list[str] = []
-        self.out_dir = None
-        if ctx.is_main:  # checked before anything is built or written
-            self.out_dir = choose_run_folder(args, set() if resume is None else resume.explicit,
-                                             None if resume is None else resume.path)
-            check_run_folder(self.out_dir, None if resume is None else resume.path,
-                             None if resume_blob is None else resume_blob.get("run_id"))
+        self.out_dir = self.run_folder = None
+        if ctx.is_main:  # checked before anything is built or written; claimed (and locked) when writing starts
+            self.run_folder = plan_run_folder(args, set() if resume is None else resume.explicit,
+                                              None if resume is None else resume.path,
+                                              None if resume_blob is None else resume_blob.get("run_id"))
+            self.out_dir = self.run_folder.path
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -242,7 +242,9 @@ class Trainer:
         """Create the folder, remove stale temp files, repair ``best.pt`` on resume, write ``args.yaml``."""
         from mskd_fast.run_dir import remove_stale_temps, repair_best
 
-        os.makedirs(self.out_dir, exist_ok=True)
+        self.out_dir = self.run_folder.claim()
+        if self.run_folder.lock.note:
+            self.resume_notes.append(self.run_folder.lock.note)
         self.args.output, self.args.experiment = os.path.split(self.out_dir)
         for path in remove_stale_temps(self.out_dir):
             self.resume_notes.append(f"removed a stale temporary file of an interrupted write: {path}")
@@ -327,6 +329,8 @@ class Trainer:
             return self._fit()
         finally:
             self._restore_signals()
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def _fit(self) -> int:
         a, ctx = self.args, self.ctx
