@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -105,3 +107,17 @@ def make_solid_manifest(root: str, num: int, num_classes: int = 5, fmt: str = "p
     with open(os.path.join(root, "classes.txt"), "w") as f:
         f.write("\n".join(classes) + "\n")
     return root, labels
+
+
+def png_bytes(samples: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG of ``samples`` (H, W) or (H, W, channels), written by hand (PIL cannot write 16-bit colour)."""
+    h, w = samples.shape[:2]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    raw = b"".join(b"\x00" + samples[y].astype(dtype).tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))

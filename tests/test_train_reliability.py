@@ -7,11 +7,15 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
+from data_helpers import png_bytes
+from PIL import Image
 from train_cli_helpers import tiny_run_argv
 
 from mskd_fast import run_dir
 from mskd_fast.checkpoint import load_checkpoint
+from mskd_fast.evaluate import main as evaluate_main
 from mskd_fast.run_dir import LOCK_FILE, lock_run_folder
 from mskd_fast.train import main
 
@@ -107,3 +111,52 @@ def test_a_second_writer_is_refused_while_a_live_run_holds_the_folder(cache, tmp
     finally:
         lock.release()
     assert main(["--resume", str(folder / "last.pt"), "--epochs", "2"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- item 2
+def _synthetic_test_index(cache):
+    from mskd_fast.data import SYNTHETIC_CLASSES
+    from mskd_fast.data.synthetic import SyntheticConfig, ensure_synthetic
+    from mskd_fast.data.voc import read_voc
+
+    root = ensure_synthetic(SyntheticConfig(train_size=64, test_size=16, img_size=64, cache_dir=cache))
+    return read_voc(root, "test", classes=SYNTHETIC_CLASSES, name="synthetic")
+
+
+def _png_manifest(index, folder, bits: int) -> str:
+    """The images of ``index`` as 8- or 16-bit PNGs (16-bit: ``v * 257``, the same picture) in a manifest."""
+    os.makedirs(folder)
+    rows = []
+    for k, path in enumerate(index.paths):
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        data = png_bytes(pixels, 8, 2) if bits == 8 else png_bytes(pixels.astype(np.uint16) * 257, 16, 2)
+        with open(os.path.join(folder, f"{k}.png"), "wb") as fh:
+            fh.write(data)
+        names = [c for c, y in zip(index.class_names, index.labels[k]) if y]
+        rows.append(f"{k}.png,{'|'.join(names)}\n")
+    with open(os.path.join(folder, "test.csv"), "w") as fh:
+        fh.write("".join(rows))
+    with open(os.path.join(folder, "classes.txt"), "w") as fh:
+        fh.write("\n".join(index.class_names) + "\n")
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_scores_the_same_on_16bit_copies_of_its_test_images(cache, tmp_path):
+    """Before the fix a 16-bit PNG kept its 0..65535 scale through the torch loader's eval resize."""
+    import json
+
+    assert main(_argv(cache, tmp_path, "run")) == 0
+    index = _synthetic_test_index(cache)
+    metrics = {}
+    for bits in (8, 16):
+        data = _png_manifest(index, tmp_path / f"png{bits}", bits)
+        out = str(tmp_path / f"eval{bits}")
+        assert evaluate_main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--dataset", "manifest",
+                              "--data-dir", data, "--eval-split", "test", "--loader", "torch", "-j", "0",
+                              "--output", out]) == 0
+        with open(os.path.join(out, "metrics.json")) as fh:
+            metrics[bits] = json.load(fh)
+    assert metrics[8]["num_samples"] == metrics[16]["num_samples"] == 16
+    for key in ("mAP", "OF1", "CF1", "P@1"):
+        assert metrics[16][key] == metrics[8][key], key

@@ -1,4 +1,7 @@
-"""Torch fallback loader: ``torchvision.io.decode_image`` + ``transforms.v2`` in a multi-worker DataLoader.
+"""Torch fallback loader: :func:`mskd_fast.data.decode.decode_rgb8` + ``transforms.v2`` in a multi-worker DataLoader.
+
+Every image is decoded to 8-bit RGB with its EXIF orientation applied, whatever its bit depth (16-bit PNGs
+are scaled as DALI scales them), so both loaders see the same pixels.
 
 Training transform (per image, uint8 CHW): ``RandomResizedCrop(img_size, scale=crop_scale,
 ratio=crop_ratio)``, ``RandomHorizontalFlip``, ``RandAugment(num_ops, magnitude, fill=128)``.
@@ -20,16 +23,14 @@ runs under ``torch.random.fork_rng``, so the caller's global RNG is untouched.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderOptions
+from .decode import decode_rgb8
+from .images import BadImage
 from .index import DatasetIndex
 from .plan import eval_shard, train_shard
 from .resize import resize_image
@@ -78,14 +79,9 @@ class _ImageFiles(Dataset):
         i, sample_id, aug_seed = item
         path = self.paths[i]
         try:
-            with warnings.catch_warnings():
-                # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; they still work.
-                warnings.filterwarnings(
-                    "ignore", message=".*decoding and encoding capabilities", category=DeprecationWarning
-                )
-                image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as exc:
-            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+            image = decode_rgb8(path)
+        except BadImage as exc:
+            raise ValueError(f"cannot decode image {exc}") from None
         torch.manual_seed(aug_seed)
         return self.transform(image), sample_id
 
