@@ -17,7 +17,7 @@ import torch
 from data_helpers import png_bytes, write_noise_jpeg
 from PIL import Image
 
-from mskd_fast.data import DatasetError, IMAGENET_MEAN, IMAGENET_STD, build_loader, dali_import_error, load_index
+from mskd_fast.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_loader, dali_import_error, load_index
 from mskd_fast.data.decode import decode_rgb8, uint16_to_uint8
 from mskd_fast.data.images import BadImage, image_size
 
@@ -125,7 +125,7 @@ def test_tiff_images_are_refused_at_the_start_check_naming_the_format(tmp_path, 
     array = np.linspace(0, 1 if mode == "F" else 65535, 40 * 30).reshape(30, 40)
     Image.fromarray(array.astype(np.float32 if mode == "F" else np.uint16)).save(tmp_path / "x.tif")
     write_noise_jpeg(str(tmp_path / "ok.jpg"))
-    with pytest.raises(DatasetError, match=r"x\.tif: not a JPEG or PNG file but a TIFF file \(only JPEG and PNG are supported"):
+    with pytest.raises(DatasetError, match=r"x\.tif: not a JPEG or PNG file but a TIFF file \(only JPEG and PNG"):
         _manifest(tmp_path, ["ok.jpg", "x.tif"])
     with pytest.raises(BadImage, match="TIFF"):
         image_size(str(tmp_path / "x.tif"))
