@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mskd_fast.checkpoint import atomic_save, load_checkpoint
+from mskd_fast.data.index import ImageDecodeError
 from mskd_fast.distributed import (
     DistContext,
     all_gather_objects,
@@ -158,7 +159,8 @@ class Trainer:
         self.amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
         load_dtype = self.amp_dtype if (self.amp_dtype is not None and device.type == "cuda") else torch.float32
         common = dict(img_size=args.img_size, loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
-                      num_shards=ctx.world_size, dtype=load_dtype, channels_last=args.channels_last, device=device)
+                      num_shards=ctx.world_size, dtype=load_dtype, channels_last=args.channels_last, device=device,
+                      on_bad_image=args.on_bad_image)
         self.loader_backend = resolve_backend(args.loader, device)
         self.train_loader = build_loader(self.train_index, train=True, batch_size=args.batch_size, seed=args.seed,
                                          randaugment=args.randaugment, **common)
@@ -335,7 +337,12 @@ class Trainer:
     def _fit(self) -> int:
         a, ctx = self.args, self.ctx
         stream = self._batches()
-        cur = next(stream, None)
+        try:
+            cur = next(stream, None)
+        except ImageDecodeError as exc:
+            return self._stop_bad_image(exc, None)
+        if self.step_in_epoch >= self.steps_per_epoch:  # resumed from a stop between an epoch's end and its eval
+            self._end_epoch(self.epoch, cur)
         bar = None
         window_t, window_steps = time.time(), 0
         epoch_t0 = time.time()
@@ -347,14 +354,15 @@ class Trainer:
             self._check_look_ahead(images, ids)
             try:
                 nxt = next(stream, None)
-            except Exception:
-                if self.stop_signal is None:
+            except Exception as exc:
+                if self.stop_signal is None and not isinstance(exc, ImageDecodeError):
                     raise
-                # Ctrl-C reached the loader's worker processes too (same process group) and they died:
-                # stop before this step, whose batch (and S-SD logits) the checkpoint then points at.
+                # Ctrl-C reached the loader's worker processes too (same process group) and they died, or an
+                # image could not be decoded: stop before this step, whose batch (and S-SD logits) the
+                # checkpoint then points at.
                 if bar is not None:
                     bar.close()
-                return self._stop("signal", cur)
+                return self._stop("signal", cur) if self.stop_signal is not None else self._stop_bad_image(exc, cur)
             out = self.step(images, targets, None if nxt is None else nxt[2][0])
             self.epoch_stats.add(out)
             self.epoch_stats.samples += images.shape[0] * ctx.world_size
@@ -376,7 +384,10 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                     bar = None
-                self._end_epoch(epoch, nxt)
+                try:
+                    self._end_epoch(epoch, nxt)
+                except ImageDecodeError as exc:  # met by the evaluation
+                    return self._stop_bad_image(exc, nxt)
                 epoch_t0 = window_t = time.time()
             if stop:
                 return self._stop(stop, nxt)
@@ -491,6 +502,21 @@ class Trainer:
         plot_training_curves(self.history, os.path.join(self.out_dir, "training_curves.png"),
                              title=f"{self.args.method} {self.args.model} on {self.args.dataset}")
 
+    def _stop_bad_image(self, exc: ImageDecodeError, nxt) -> int:
+        """An image could not be decoded (``--on-bad-image error``): recovery checkpoint, message, exit code 1.
+
+        Under DDP only the rank that met it knows (the checkpoint is a collective): it raises, ending the job.
+        """
+        if self.ctx.distributed:
+            raise exc
+        paths = self._save(["recovery.pt"], "bad_image", nxt[2] if nxt is not None else None)
+        path = paths[0] if paths else "recovery.pt"
+        print(f"error: {exc}", file=sys.stderr)
+        self._say(f"stopped at epoch {self.epoch + 1} step {self.step_in_epoch} because an image could not be "
+                  f"decoded; recovery checkpoint {path}; after fixing or removing {exc.path}, continue with "
+                  f"--resume {path} (or add --on-bad-image skip)")
+        return 1
+
     def _stop(self, reason: str, nxt) -> int:
         paths = self._save(["recovery.pt"], reason, nxt[2] if nxt is not None else None)
         path = paths[0] if paths else "recovery.pt"
@@ -558,7 +584,11 @@ def main(argv=None) -> int:
         except SETUP_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        code = trainer.fit()
+        try:
+            code = trainer.fit()
+        except ImageDecodeError as exc:  # under DDP: the rank that met it stops the job (no recovery.pt)
+            print(f"error: rank {ctx.rank}: {exc}", file=sys.stderr)  # the other ranks fail on the lost peer
+            return 1
         barrier(ctx)
         return code
     finally:

@@ -121,3 +121,15 @@ def png_bytes(samples: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
     header = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
             + chunk(b"IEND", b""))
+
+
+def break_huffman_table(path: str) -> str:
+    """Make a JPEG undecodable while its header stays valid: overwrite the first Huffman table's 16 code
+    counts (decoders report "Bogus Huffman table definition"; the start check still passes)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"\xff\xc4")
+    data[at + 5 : at + 21] = b"\xff" * 16
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path

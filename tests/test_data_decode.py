@@ -14,10 +14,18 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from data_helpers import png_bytes, write_noise_jpeg
+from data_helpers import break_huffman_table, png_bytes, write_noise_jpeg
 from PIL import Image
 
-from mskd_fast.data import IMAGENET_MEAN, IMAGENET_STD, DatasetError, build_loader, dali_import_error, load_index
+from mskd_fast.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DatasetError,
+    ImageDecodeError,
+    build_loader,
+    dali_import_error,
+    load_index,
+)
 from mskd_fast.data.decode import decode_rgb8, uint16_to_uint8
 from mskd_fast.data.images import BadImage, image_size
 
@@ -173,3 +181,43 @@ def test_corrupt_pngs_raise_naming_the_file_instead_of_crashing_the_process(tmp_
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and all(line.startswith("refused ") for line in lines), lines
     assert "badcrc16.png: PNG chunk 'IDAT' has a wrong CRC" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+def _noise_manifest(root, n=12, bad=(5,)):
+    names = []
+    for k in range(n):
+        path = write_noise_jpeg(os.path.join(root, f"img{k:02d}.jpg"), seed=k)
+        if k in bad:
+            break_huffman_table(path)
+        names.append(os.path.basename(path))
+    with open(os.path.join(root, "test.csv"), "w") as fh:
+        fh.write("".join(f"{name},{'ab'[k % 2]}\n" for k, name in enumerate(names)))
+    return load_index("manifest", str(root), "test")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_an_image_that_fails_to_decode_raises_or_is_skipped_where_met(tmp_path, backend, train):
+    """Header fine, Huffman table corrupt: the start check passes, decoding fails in the loader."""
+    index = _noise_manifest(tmp_path)
+    bad_path = index.paths[5]
+    common = dict(train=train, batch_size=4, img_size=32, loader=backend, num_workers=0, seed=3)
+    with build_loader(index, on_bad_image="error", **common) as loader:
+        with pytest.raises(ImageDecodeError, match=rf"{bad_path}: cannot be decoded") as info:
+            for _ in loader:
+                pass
+        assert info.value.path == bad_path
+    with build_loader(index, on_bad_image="skip", **common) as loader:
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            batches = [ids.tolist() for _, _, ids in loader]
+            assert len(batches) == len(loader) == 3
+            seen = [i for ids in batches for i in ids if i >= 0]
+            assert sorted(seen) == [i for i in range(12) if i != 5], batches  # every other sample exactly once
+            if train:
+                assert sorted(len(ids) for ids in batches) == [3, 4, 4]  # its batch is one row shorter
+            else:
+                assert loader.skipped_ids == {5} and [ids[1] for ids in batches][1] == -1  # a padding row
+        assert loader.decode_failures == {bad_path: loader.decode_failures[bad_path]}
+        assert "Bogus Huffman table" in loader.decode_failures[bad_path]

@@ -2,24 +2,30 @@
 failures met during a run, full disks and unwritable folders, signals under torchrun, ignored arguments.
 """
 
+import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-from data_helpers import png_bytes
+from data_helpers import break_huffman_table, png_bytes
 from PIL import Image
 from train_cli_helpers import tiny_run_argv
 
 from mskd_fast import run_dir
 from mskd_fast.checkpoint import load_checkpoint
+from mskd_fast.data import dali_import_error
 from mskd_fast.evaluate import main as evaluate_main
 from mskd_fast.run_dir import LOCK_FILE, lock_run_folder
 from mskd_fast.train import main
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+DALI_REASON = dali_import_error()
+needs_dali = pytest.mark.skipif(DALI_REASON is not None, reason=f"DALI cannot be imported: {DALI_REASON}")
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +120,13 @@ def test_a_second_writer_is_refused_while_a_live_run_holds_the_folder(cache, tmp
 
 
 # ---------------------------------------------------------------------------------------------- item 2
-def _synthetic_test_index(cache):
+def _synthetic_test_index(cache, split="test"):
     from mskd_fast.data import SYNTHETIC_CLASSES
     from mskd_fast.data.synthetic import SyntheticConfig, ensure_synthetic
     from mskd_fast.data.voc import read_voc
 
     root = ensure_synthetic(SyntheticConfig(train_size=64, test_size=16, img_size=64, cache_dir=cache))
-    return read_voc(root, "test", classes=SYNTHETIC_CLASSES, name="synthetic")
+    return read_voc(root, split, classes=SYNTHETIC_CLASSES, name="synthetic")
 
 
 def _png_manifest(index, folder, bits: int) -> str:
@@ -144,8 +150,6 @@ def _png_manifest(index, folder, bits: int) -> str:
 @pytest.mark.slow
 def test_a_checkpoint_scores_the_same_on_16bit_copies_of_its_test_images(cache, tmp_path):
     """Before the fix a 16-bit PNG kept its 0..65535 scale through the torch loader's eval resize."""
-    import json
-
     assert main(_argv(cache, tmp_path, "run")) == 0
     index = _synthetic_test_index(cache)
     metrics = {}
@@ -160,3 +164,85 @@ def test_a_checkpoint_scores_the_same_on_16bit_copies_of_its_test_images(cache, 
     assert metrics[8]["num_samples"] == metrics[16]["num_samples"] == 16
     for key in ("mAP", "OF1", "CF1", "P@1"):
         assert metrics[16][key] == metrics[8][key], key
+
+
+# ---------------------------------------------------------------------------------------------- item 4
+def _manifest_copy(cache, folder) -> str:
+    """The tiny synthetic dataset (64 train, 16 test JPEGs) copied into a manifest folder of its own."""
+    os.makedirs(folder)
+    for split in ("train", "test"):
+        index = _synthetic_test_index(cache, split)
+        rows = []
+        for k, path in enumerate(index.paths):
+            name = f"{split}{k:03d}.jpg"
+            shutil.copy(path, os.path.join(folder, name))
+            rows.append(f"{name},{'|'.join(c for c, y in zip(index.class_names, index.labels[k]) if y)}\n")
+        with open(os.path.join(folder, f"{split}.csv"), "w") as fh:
+            fh.write("".join(rows))
+    with open(os.path.join(folder, "classes.txt"), "w") as fh:
+        fh.write("\n".join(index.class_names) + "\n")
+    return str(folder)
+
+
+def _manifest_argv(cache, data, out, name, *extra, epochs=1):
+    argv = _argv(cache, out, name, "--dataset", "manifest", "--data-dir", data, "--eval-split", "test", *extra,
+                 epochs=epochs)
+    for flag in ("--synthetic-size", "--synthetic-test-size", "--synthetic-img-size", "--synthetic-cache"):
+        at = argv.index(flag)
+        del argv[at : at + 2]
+    return argv
+
+
+def _summary(folder):
+    with open(os.path.join(folder, "summary.csv")) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader, workers", [("torch", "0"), ("torch", "2"),
+                                             pytest.param("dali", "1", marks=needs_dali)])
+def test_a_training_image_that_fails_to_decode_mid_run(cache, tmp_path, capsys, loader, workers):
+    """A JPEG with a valid header and a corrupt Huffman table: --on-bad-image error stops with the file named
+    after writing recovery.pt (exit 1); the resume with skip leaves it out, counts it and finishes."""
+    data = _manifest_copy(cache, tmp_path / "data")
+    bad = break_huffman_table(os.path.join(data, "train005.jpg"))
+    argv = _manifest_argv(cache, data, tmp_path, "run", "--loader", loader, "-j", workers, epochs=2)
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"error: {bad}: cannot be decoded (Bogus Huffman table definition)" in captured.err
+    recovery = tmp_path / "run" / "recovery.pt"
+    assert f"recovery checkpoint {recovery}" in captured.out and "Traceback" not in captured.err
+    blob = load_checkpoint(recovery)
+    assert blob["kind"] == "bad_image" and blob["epoch"] == 0 and blob["step_in_epoch"] < 4
+    assert main(["--resume", str(recovery), "--on-bad-image", "skip"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"warning: skipped {bad}: cannot be decoded") == 1  # reported once, skipped every epoch
+    assert "1 image(s) skipped so far in training" in err
+    rows = _summary(tmp_path / "run")
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["eval_samples"] == "16"
+
+
+@pytest.mark.slow
+def test_an_evaluation_image_that_fails_to_decode(cache, tmp_path, capsys):
+    data = _manifest_copy(cache, tmp_path / "data")
+    bad = break_huffman_table(os.path.join(data, "test003.jpg"))
+    # error: the run stops after the epoch's training, before its evaluation, with recovery.pt
+    assert main(_manifest_argv(cache, data, tmp_path, "run", epochs=2)) == 1
+    captured = capsys.readouterr()
+    assert f"error: {bad}: cannot be decoded" in captured.err
+    blob = load_checkpoint(tmp_path / "run" / "recovery.pt")
+    assert (blob["epoch"], blob["step_in_epoch"], blob["history"]) == (0, 4, [])
+    # skip: the resume evaluates the pending epoch first (15 of 16 test images), then trains on
+    assert main(["--resume", str(tmp_path / "run" / "recovery.pt"), "--on-bad-image", "skip"]) == 0
+    assert f"warning: skipped {bad}" in capsys.readouterr().err
+    rows = _summary(tmp_path / "run")
+    assert [(r["epoch"], r["eval_samples"]) for r in rows] == [("1", "15"), ("2", "15")]
+    # the evaluate CLI: error names the file (rc 2), skip reports the count in metrics.json
+    last = str(tmp_path / "run" / "last.pt")
+    assert evaluate_main(["--checkpoint", last, "--on-bad-image", "error", "--output", str(tmp_path / "e1")]) == 2
+    assert f"{bad}: cannot be decoded" in capsys.readouterr().err
+    assert evaluate_main(["--checkpoint", last, "--output", str(tmp_path / "e2")]) == 0
+    assert "1 of 16 images could not be decoded and were left out" in capsys.readouterr().out
+    with open(tmp_path / "e2" / "metrics.json") as fh:
+        metrics = json.load(fh)
+    assert (metrics["num_samples"], metrics["skipped_samples"]) == (15, 1)

@@ -26,6 +26,19 @@ class DatasetError(ValueError):
     """A dataset on disk does not match its documented layout (missing/corrupt files, unknown classes)."""
 
 
+class ImageDecodeError(DatasetError):
+    """An image that passed the start check (its header) could not be decoded when a loader met it.
+
+    Raised by the loaders with ``on_bad_image="error"``; ``path`` and ``detail`` say which file and why.
+    """
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path}: {detail} (the file passed the header check at start but cannot be decoded; fix "
+                         "or remove it, or pass --on-bad-image skip to leave it out)")
+        self.path = path
+        self.detail = detail
+
+
 @dataclass
 class DatasetIndex:
     """Everything the loaders and the evaluator need to know about one split of a dataset.
