@@ -63,7 +63,7 @@ def write_failure(exc: BaseException, path: str, needed: int | None = None) -> s
         what = "disk quota exceeded" if code == errno.EDQUOT else "no space left on device"
         return f"{what} while writing {path}{sizes}"
     if code == errno.EFBIG:
-        return f"file too large while writing {path} (the file-size limit of this process, ulimit -f){sizes}"
+        return f"file too large while writing {path}: over the file-size limit of this process (ulimit -f){sizes}"
     if os_error is not None:
         return f"cannot write {path}: {os_error.strerror or os_error}"
     return f"cannot write {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"

@@ -168,6 +168,7 @@ _DATA_KEYS = ("dataset", "data_dir", "train_split", "eval_split", "voc_difficult
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code."""
+    from mskd_fast._fs import WriteError, check_writable_dir
     from mskd_fast.checkpoint import load_checkpoint
     from mskd_fast.data import build_loader, index_from_args, split_from_args
     from mskd_fast.distributed import init_distributed, shutdown
@@ -193,6 +194,10 @@ def main(argv=None) -> int:
             args.loader = run_loader(args.checkpoint, run_args)
         if args.batch_size < 1 or args.img_size < 16 or not 0 < args.threshold < 1:
             raise ValueError("--batch-size must be >= 1, --img-size >= 16 and --threshold in (0, 1)")
+        split = split_from_args(args, "eval")
+        out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                              f"eval-{args.dataset}-{split}")
+        check_writable_dir(out_dir, "--output" if args.output else "report folder (set another with --output)")
         ctx = init_distributed(args.device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.error(str(exc))
@@ -225,19 +230,20 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if ctx.is_main:
-            split = split_from_args(args, "eval")
-            out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                  f"eval-{args.dataset}-{split}")
-            result, table = write_eval_reports(metrics, index, args.img_size, out_dir,
-                                               label=meta["model_name"], threshold=args.threshold)
-            summary = {k: _json_safe(float(result[k])) for k in METRIC_KEYS}
-            summary.update(num_samples=result["num_samples"], skipped_samples=result["skipped_samples"],
-                           excluded_classes=list(result["excluded_classes"]),
-                           checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
-                           epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
             from mskd_fast.reports import write_text
 
-            write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+            try:
+                result, table = write_eval_reports(metrics, index, args.img_size, out_dir,
+                                                   label=meta["model_name"], threshold=args.threshold)
+                summary = {k: _json_safe(float(result[k])) for k in METRIC_KEYS}
+                summary.update(num_samples=result["num_samples"], skipped_samples=result["skipped_samples"],
+                               excluded_classes=list(result["excluded_classes"]),
+                               checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
+                               epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
+                write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+            except WriteError as exc:  # e.g. the disk filled up during the evaluation
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             print(f"{index.summary()}\ncheckpoint {args.checkpoint} (epoch {ckpt.get('epoch')}) | loader {backend} "
                   f"| img {args.img_size}px")
             print(format_table([[k, float(result[k])] for k in METRIC_KEYS], ["metric", "%"]))

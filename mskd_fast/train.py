@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mskd_fast.checkpoint import atomic_save, load_checkpoint
+from mskd_fast.checkpoint import WriteError, atomic_save, load_checkpoint
 from mskd_fast.data.index import ImageDecodeError
 from mskd_fast.distributed import (
     DistContext,
@@ -553,7 +553,7 @@ def _plain(obj):
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-SETUP_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
+SETUP_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, WriteError)
 
 
 def main(argv=None) -> int:
@@ -589,6 +589,10 @@ def main(argv=None) -> int:
         except ImageDecodeError as exc:  # under DDP: the rank that met it stops the job (no recovery.pt)
             print(f"error: rank {ctx.rank}: {exc}", file=sys.stderr)  # the other ranks fail on the lost peer
             return 1
+        except WriteError as exc:  # a full disk: the file's previous version is intact (atomic writes)
+            print(f"error: {exc}; its previous version (if any) is unchanged. Free some space (or use another "
+                  "--output) and continue with --resume from the run's last checkpoint", file=sys.stderr)
+            return 2
         barrier(ctx)
         return code
     finally:

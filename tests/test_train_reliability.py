@@ -246,3 +246,148 @@ def test_an_evaluation_image_that_fails_to_decode(cache, tmp_path, capsys):
     with open(tmp_path / "e2" / "metrics.json") as fh:
         metrics = json.load(fh)
     assert (metrics["num_samples"], metrics["skipped_samples"]) == (15, 1)
+
+
+# ---------------------------------------------------------------------------------------------- item 5
+def _unshare_available() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+needs_unshare = pytest.mark.skipif(not _unshare_available(), reason="needs unprivileged user and mount namespaces "
+                                   "(unshare -rm) to mount a small or read-only tmpfs without root")
+
+
+def _in_namespace(script: str, timeout=900) -> subprocess.CompletedProcess:
+    """Run a shell script as root of a new user + mount namespace (its mounts vanish when it ends)."""
+    return subprocess.run(["unshare", "-rm", "sh", "-euc", script], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_atomic_save_that_runs_out_of_room_names_the_file_and_keeps_the_old_one(tmp_path):
+    """Public API, without privileges: a file-size limit (ulimit -f) makes the write fail part-way, the same
+    short write a full disk gives (EFBIG instead of ENOSPC)."""
+    target = tmp_path / "last.pt"
+    script = textwrap.dedent(f"""
+        import resource, signal, torch
+        from mskd_fast.checkpoint import WriteError, atomic_save
+        atomic_save({{"w": torch.zeros(10)}}, {str(target)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        try:
+            atomic_save({{"w": torch.zeros(1_000_000)}}, {str(target)!r})
+        except WriteError as exc:
+            print("WriteError:", exc)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"WriteError: file too large while writing {target}: over the file-size limit" in proc.stdout
+    assert "(3.9 MB needed, " in proc.stdout  # 1e6 float32 + the 64 KiB allowance for the container (MB = 2**20)
+    assert load_checkpoint_like(target)["w"].numel() == 10  # the previous file is intact
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left
+
+
+def load_checkpoint_like(path):
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.slow
+@needs_unshare
+def test_a_full_disk_during_a_checkpoint_save(cache, tmp_path):
+    """A 16 MB tmpfs: epoch 1 saves; then the disk is filled up to less than a checkpoint, and the epoch-2
+    save fails: exit 2 with "no space left on device while writing .../last.pt (N MB needed, M MB free)", no
+    traceback, and last.pt is still epoch 1's."""
+    main(_argv(cache, tmp_path / "warm", "warm"))  # the synthetic cache exists before the namespace
+    disk, keep = tmp_path / "disk", tmp_path / "keep"
+    disk.mkdir()
+    keep.mkdir()
+    python = sys.executable
+    first = " ".join(f"'{a}'" for a in _argv(cache, disk, "run", epochs=1))
+    fill = textwrap.dedent(f"""
+        import os, shutil
+        need = os.path.getsize('{disk}/run/last.pt')
+        free = shutil.disk_usage('{disk}').free
+        with open('{disk}/filler', 'wb') as fh:
+            fh.write(b'x' * max(0, free - need // 2))
+    """)
+    script = f"""
+        mount -t tmpfs -o size=16m none '{disk}'
+        '{python}' -m mskd_fast.train {first} > '{keep}/out1' 2>&1
+        cp '{disk}/run/last.pt' '{keep}/epoch1.pt'
+        '{python}' -c "{fill}"
+        set +e
+        '{python}' -m mskd_fast.train --resume '{disk}/run/last.pt' --epochs 2 > '{keep}/out2' 2> '{keep}/err2'
+        echo $? > '{keep}/rc2'
+        set -e
+        cp '{disk}/run/last.pt' '{keep}/after.pt'
+        ls -a '{disk}/run' > '{keep}/listing'
+    """
+    proc = _in_namespace(script)
+    assert proc.returncode == 0, proc.stderr[-3000:] + (keep / "out1").read_text()[-3000:]
+    err = (keep / "err2").read_text()
+    assert (keep / "rc2").read_text().strip() == "2", err + (keep / "out2").read_text()[-2000:]
+    assert f"error: no space left on device while writing {disk}/run/last.pt (" in err
+    assert " MB needed, " in err and " MB free)" in err and "Traceback" not in err
+    assert (keep / "after.pt").read_bytes() == (keep / "epoch1.pt").read_bytes()  # epoch 1's last.pt kept
+    assert not [n for n in (keep / "listing").read_text().split() if n.startswith(".last.pt.")]  # no temp left
+
+
+@pytest.mark.slow
+def test_setup_time_filesystem_errors_name_the_path_with_exit_code_2(cache, tmp_path, capsys):
+    main(_argv(cache, tmp_path, "run"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    capsys.readouterr()
+    # --output is a file; the run folder's name is taken by a file; the synthetic cache is a file
+    argv = _argv(cache, blocker, "x")
+    assert main(argv) == 2
+    assert f"run folder {blocker}/x: cannot be a folder (its parent {blocker} is a file)" in capsys.readouterr().err
+    assert main(_argv(cache, tmp_path, "a_file")) == 2
+    assert f"run folder {blocker}: cannot be a folder: it is a file" in capsys.readouterr().err
+    argv = _argv(str(blocker), tmp_path, "y")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"synthetic dataset cache {blocker}: cannot write the dataset there" in err and "--synthetic-cache" in err
+    assert not (tmp_path / "y").exists()
+    # evaluate --output that cannot be written: refused before the evaluation runs
+    with pytest.raises(SystemExit) as info:
+        evaluate_main(["--checkpoint", str(tmp_path / "run" / "last.pt"), "--output", str(blocker / "eval")])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert f"--output {blocker}/eval: cannot be a folder (its parent {blocker} is a file)" in captured.err
+    assert "mAP" not in captured.out
+
+
+@pytest.mark.slow
+@needs_unshare
+def test_read_only_output_cache_and_report_folders(cache, tmp_path):
+    main(_argv(cache, tmp_path, "run"))
+    ro, keep = tmp_path / "ro", tmp_path / "keep"
+    ro.mkdir()
+    keep.mkdir()
+    python = sys.executable
+    train_ro = " ".join(f"'{a}'" for a in _argv(cache, ro / "out", "x"))
+    cache_ro = " ".join(f"'{a}'" for a in _argv(str(ro / "cache"), tmp_path, "y"))
+    script = f"""
+        mount -t tmpfs -o size=8m none '{ro}'
+        cp '{tmp_path}/run/last.pt' '{ro}/last.pt'
+        mount -o remount,ro '{ro}'
+        set +e
+        '{python}' -m mskd_fast.train {train_ro} > /dev/null 2> '{keep}/train'; echo $? >> '{keep}/train'
+        '{python}' -m mskd_fast.train {cache_ro} > /dev/null 2> '{keep}/cache'; echo $? >> '{keep}/cache'
+        '{python}' -m mskd_fast.evaluate --checkpoint '{ro}/last.pt' > '{keep}/eval_out' 2> '{keep}/eval'
+        echo $? >> '{keep}/eval'
+    """
+    proc = _in_namespace(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, cache_err, evaluation = ((keep / n).read_text() for n in ("train", "cache", "eval"))
+    assert train.splitlines()[-1] == "2" and f"run folder {ro}/out/x: cannot write there (in {ro}): Read-only" in train
+    assert cache_err.splitlines()[-1] == "2" and f"synthetic dataset cache {ro}/cache: cannot write" in cache_err
+    assert "Read-only file system" in cache_err and not (tmp_path / "y").exists()
+    assert evaluation.splitlines()[-1] == "2" and "Traceback" not in evaluation
+    assert f"report folder (set another with --output) {ro}/eval-synthetic-test: cannot write there" in evaluation
+    assert "mAP" not in (keep / "eval_out").read_text()

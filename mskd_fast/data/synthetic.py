@@ -321,8 +321,11 @@ def ensure_synthetic(config: SyntheticConfig) -> str:
         _check_meta(root, config)
         return root
     parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(root)}-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(root)}-", dir=parent)
+    except OSError as exc:
+        raise DatasetError(_unwritable_cache(parent, exc)) from None
     os.chmod(tmp, 0o755)
     try:
         generate_synthetic(config, tmp)
@@ -331,8 +334,17 @@ def ensure_synthetic(config: SyntheticConfig) -> str:
         except OSError:
             if not os.path.isdir(root):
                 raise
+    except OSError as exc:  # a full or failing cache disk
+        raise DatasetError(_unwritable_cache(parent, exc)) from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     _check_meta(root, config)
     return root
+
+
+def _unwritable_cache(parent: str, exc: OSError) -> str:
+    what = "exists and is not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (
+        exc.strerror or str(exc))
+    return (f"synthetic dataset cache {parent}: cannot write the dataset there ({what}: "
+            f"{exc.filename or parent}); pass --synthetic-cache DIR (or set MSKD_FAST_CACHE) to a writable folder")
