@@ -20,7 +20,9 @@ Non-finite loss/gradient: the step is skipped on the device (no host sync per st
 means average over the steps that counted. The counters are read every ``--log-interval`` steps, and once
 10 consecutive steps were skipped the run stops with a recovery checkpoint (a resume starts a new streak).
 SIGINT/SIGTERM: the run stops after the current step (single process) or at the next log interval (DDP,
-so that all ranks stop at the same step) and writes ``recovery.pt``; a second signal kills immediately.
+so that all ranks stop at the same step) and writes ``recovery.pt``; a second signal kills immediately,
+unless it comes within ``SIGNAL_GRACE_S`` of the first (a launcher that forwards one interrupt as two
+signals, SIGINT then SIGTERM): then it is ignored, and the recovery checkpoint is still written.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from mskd_fast.train_log import TERMS, say
 __all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
 NONFINITE_LIMIT = 10
+SIGNAL_GRACE_S = 2.0  # a second stop signal sooner than this after the first is taken as the same request
 
 
 class SetupError(ValueError):
@@ -293,9 +296,12 @@ class Trainer:
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> None:
         def handler(signum, _frame):
-            self.stop_signal = signum
-            for sig, old in self._old_handlers.items():  # a second signal acts immediately
-                signal.signal(sig, old)
+            now = time.monotonic()
+            if self.stop_signal is None:
+                self.stop_signal, self._signal_time = signum, now
+            elif now - self._signal_time > SIGNAL_GRACE_S:  # a deliberate second signal acts immediately
+                self._restore_signals()
+                signal.raise_signal(signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -330,6 +336,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.stop_signal is not None:  # a launcher's follow-up signal may still come: absorb it, then exit
+                time.sleep(max(0.0, self._signal_time + SIGNAL_GRACE_S - time.monotonic()))
             self._restore_signals()
             if self.run_folder is not None:
                 self.run_folder.release()

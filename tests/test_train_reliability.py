@@ -391,3 +391,84 @@ def test_read_only_output_cache_and_report_folders(cache, tmp_path):
     assert evaluation.splitlines()[-1] == "2" and "Traceback" not in evaluation
     assert f"report folder (set another with --output) {ro}/eval-synthetic-test: cannot write there" in evaluation
     assert "mAP" not in (keep / "eval_out").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- item 3
+def _wait_for(path, text, proc, timeout=300):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if os.path.exists(path) and text in open(path).read():
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not seen (rc {proc.poll()}): {open(path).read()[-3000:]}")
+
+
+def _interrupt_twice(groups, gap=0.1):
+    """A Ctrl-C forwarded as two signals: SIGINT, then SIGTERM ``gap`` seconds later, to each process group."""
+    import signal
+    import time
+
+    for group in groups:
+        os.killpg(group, signal.SIGINT)
+    time.sleep(gap)
+    for group in groups:
+        os.killpg(group, signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_sigint_then_sigterm_still_writes_the_recovery_checkpoint(cache, tmp_path):
+    """Single process, -j 2: the second signal within the grace period must not abort the recovery save."""
+    main(_argv(cache, tmp_path / "warm", "warm"))
+    log = tmp_path / "log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "mskd_fast.train", *_argv(cache, tmp_path, "run", "-j", "2",
+                                                                                epochs=6)],
+                                env=ENV, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "epoch 1 step 2/", proc)
+        _interrupt_twice([proc.pid])  # the trainer and its loader workers, as a terminal's Ctrl-C
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert "SIGINT: stopped after epoch" in out and "Traceback" not in out
+    assert load_checkpoint(tmp_path / "run" / "recovery.pt")["kind"] == "signal"
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_writes_recovery_and_resumes(cache, tmp_path):
+    """torchrun (2 gloo ranks, -j 2): Ctrl-C reaches the agent, which forwards it to each rank's process group;
+    a SIGTERM follows 0.1 s later (as some launchers send). Every rank stops at the same step and rank 0 writes
+    recovery.pt, which a torchrun resume continues to the end."""
+    main(_argv(cache, tmp_path / "warm", "warm"))
+    log = tmp_path / "log"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv = _argv(cache, tmp_path, "ddp", "--device", "cpu", "-j", "2", epochs=6, batch=8)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([*torchrun, "-m", "mskd_fast.train", *argv], env=ENV, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "epoch 1 step 2/", proc)
+        ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        os.killpg(proc.pid, __import__("signal").SIGINT)  # the terminal: the agent's process group
+        _interrupt_twice([int(r) for r in ranks], gap=0.1)  # each rank's own group (torchrun starts sessions)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    recovery = tmp_path / "ddp" / "recovery.pt"
+    assert recovery.is_file(), out[-4000:]
+    blob = load_checkpoint(recovery)
+    assert blob["kind"] == "signal" and blob["world_size"] == 2 and len(blob["rng"]) == 2
+    assert "SIGINT: stopped after epoch" in out
+    resumed = subprocess.run([*torchrun, "-m", "mskd_fast.train", "--resume", str(recovery)], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 6

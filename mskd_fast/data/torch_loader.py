@@ -23,6 +23,8 @@ runs under ``torch.random.fork_rng``, so the caller's global RNG is untouched.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -118,7 +120,17 @@ class _PlanBatches:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """One intra-op thread per worker; stop signals are left to the main process.
+
+    Ctrl-C in a terminal, or ``torchrun`` forwarding it, signals the whole process group, workers included.
+    A worker that died of it would end the main process's next fetch with an error at a step that differs
+    between DDP ranks; ignoring the signal here lets the trainer stop where it decides (after the step, or
+    at the log interval all ranks agree on). Workers still end with the main process (the DataLoader's
+    watchdog) and on its shutdown.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchLoader(Loader):
