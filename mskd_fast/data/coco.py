@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 _SPLITS = {"train": "train", "test": "val", "val": "val"}
 
@@ -45,8 +45,7 @@ def read_coco(data_dir: str, split: str, *, on_bad_image: str = "error") -> Data
         raise DatasetError(f"data_dir {data_dir!r} does not exist or is not a folder")
     image_dir, ann_path = _locate(data_dir, split)
     try:
-        with open(ann_path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(ann_path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{ann_path}: not valid JSON ({exc})") from None
     for key in ("images", "annotations", "categories"):

@@ -121,6 +121,23 @@ class DatasetIndex:
         return line
 
 
+def read_text(path: str) -> str:
+    """The content of the text file ``path``, decoded as UTF-8 with or without a byte-order mark.
+
+    Spreadsheet programs save "CSV UTF-8" with a BOM (``EF BB BF``); read as plain UTF-8 it would stick to
+    the first field (a header ``\ufeffpath`` read as a data row, a first image id that does not exist).
+    Raises :class:`DatasetError` naming the file when it is not UTF-8 (e.g. UTF-16 "Unicode text").
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        hint = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DatasetError(f"{path}: not UTF-8 text{hint}: {exc.reason} at byte {exc.start}; save it as UTF-8 "
+                           "(e.g. \"CSV UTF-8\")") from None
+
+
 def check_on_bad_image(on_bad_image: str) -> None:
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")

@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -51,8 +51,7 @@ def read_split_ids(root: str, split: str) -> list[str]:
     if not os.path.isfile(path):
         available = sorted(f[:-4] for f in os.listdir(main) if f.endswith(".txt") and "_" not in f)
         raise DatasetError(f"split {split!r} not found: {path} is missing (split files present: {available})")
-    with open(path, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids = [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split file {path} lists no images")
     if len(set(ids)) != len(ids):
