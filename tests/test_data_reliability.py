@@ -71,3 +71,47 @@ def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
         fh.write("path,labels\nimg/a.png,cat\n")
     with pytest.raises(DatasetError, match=r"train\.csv: not UTF-8 text \(it starts with a UTF-16 byte-order mark\)"):
         load_index("manifest", root, "train")
+
+
+# ---------------------------------------------------------------------------------------------- item 7
+def _voc_with_xml(root, xml_by_id: dict, size=(40, 30)) -> str:
+    make_voc(root, {i: [("dog", (1, 1, 5, 5), 0)] for i in xml_by_id}, {"test": list(xml_by_id)}, size=size)
+    for image_id, xml in xml_by_id.items():
+        with open(os.path.join(root, "VOCdevkit", "VOC2007", "Annotations", f"{image_id}.xml"), "w") as fh:
+            fh.write(xml)
+    return root
+
+
+def _obj(name, box):
+    return (f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin>"
+            f"<xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>")
+
+
+def test_voc_boxes_are_checked_against_the_real_image_size(tmp_path):
+    """The images are 40x30. Without <size>, or with a wrong one, a box at 2,000 px used to pass (and gave the
+    per-scale report bins at 2,000 px)."""
+    root = _voc_with_xml(str(tmp_path), {
+        "000001": f"<annotation>{_obj('dog', (1, 1, 20, 20))}</annotation>",  # no <size>: fine
+        "000002": f"<annotation>{_obj('cat', (100, 100, 2000, 1500))}</annotation>",  # no <size>
+        "000003": ("<annotation><size><width>4000</width><height>3000</height></size>"
+                   f"{_obj('dog', (1, 1, 42, 30))}</annotation>"),  # wrong <size>; 2 px too wide
+    })
+    with pytest.raises(DatasetError, match="2 found") as info:
+        load_index("voc", root, "test")
+    text = str(info.value)
+    assert "boxes outside their image" in text
+    assert "000002.jpg: box 0 (99, 99, 2000, 1500) of class 'cat' lies outside the 40x30 image" in text
+    assert "000003.jpg: box 0 (0, 0, 42, 30) of class 'dog' lies outside the 40x30 image" in text
+
+
+def test_coco_boxes_outside_the_image_are_errors_and_rounding_is_clipped(tmp_path):
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30},
+              {"id": 2, "file_name": "b.jpg", "width": 40, "height": 30}]
+    anns = [{"id": 10, "image_id": 1, "category_id": 3, "bbox": [30.5, 20, 10.3, 10.4]},  # 0.8 / 0.4 px over
+            {"id": 11, "image_id": 2, "category_id": 3, "bbox": [10, 10, 50, 5]}]  # 20 px over
+    root = make_coco(str(tmp_path / "bad"), "val2014", images, anns, [{"id": 3, "name": "car"}])
+    with pytest.raises(DatasetError, match=r"b\.jpg: box 0 \(10, 10, 60, 15\) of class 'car' lies outside the 40x30"):
+        load_index("coco", root, "test")
+    root = make_coco(str(tmp_path / "ok"), "val2014", images[:1], anns[:1], [{"id": 3, "name": "car"}])
+    index = load_index("coco", root, "test")
+    np.testing.assert_allclose(index.boxes[0], [[30.5, 20, 40, 30]])  # clipped to the image
