@@ -1,6 +1,7 @@
 """Dataset readers against real-world text and annotation faults (issue 18 items 6-8): byte-order marks,
 boxes outside the real image, and errors that name the file, the record and the field."""
 
+import json
 import os
 
 import numpy as np
@@ -115,3 +116,52 @@ def test_coco_boxes_outside_the_image_are_errors_and_rounding_is_clipped(tmp_pat
     root = make_coco(str(tmp_path / "ok"), "val2014", images[:1], anns[:1], [{"id": 3, "name": "car"}])
     index = load_index("coco", root, "test")
     np.testing.assert_allclose(index.boxes[0], [[30.5, 20, 40, 30]])  # clipped to the image
+
+
+# ---------------------------------------------------------------------------------------------- item 8
+def _coco_json(tmp_path, images, anns, cats):
+    root = make_coco(str(tmp_path), "val2014", [im for im in images if isinstance(im.get("file_name"), str)],
+                     [], [])
+    path = os.path.join(root, "annotations", "instances_val2014.json")
+    with open(path, "w") as fh:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, fh)
+    return root, path
+
+
+def test_coco_errors_name_the_file_the_record_and_the_field(tmp_path):
+    """Before: a bare KeyError ('bbox', 'file_name', 'name') or "'NoneType' object is not iterable"."""
+    images = [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}, {"id": 2, "width": 40, "height": 30}]
+    anns = [{"id": 10, "image_id": 1, "category_id": 3},
+            {"id": 11, "image_id": 1, "category_id": 3, "bbox": None},
+            {"id": 12, "image_id": 1, "category_id": 3, "bbox": [1, 2, "3", 4]},
+            {"image_id": 1, "category_id": 3, "bbox": [1, 2, 3]}]
+    cats = [{"id": 3}, {"id": 4, "name": "dog"}]
+    root, path = _coco_json(tmp_path, images, anns, cats)
+    with pytest.raises(DatasetError) as info:
+        load_index("coco", root, "test")
+    text = str(info.value)
+    assert f"{path}: malformed records: 6 found" in text
+    for line in (f"{path}: images[1] (id 2): 'file_name' is missing",
+                 f"{path}: categories[0] (id 3): 'name' is missing",
+                 f"{path}: annotation 10 (annotations[0]): 'bbox' is missing",
+                 f"{path}: annotation 11 (annotations[1]): 'bbox' is null, expected [x, y, width, height] of 4",
+                 f"{path}: annotation 12 (annotations[2]): 'bbox' is [1, 2, '3', 4], expected"):
+        assert line in text, line
+    assert "... and 1 more" in text  # annotations[3]: a bbox of 3 numbers, beyond the first five listed
+
+
+def test_voc_errors_name_the_file_and_the_field(tmp_path):
+    """Before: "could not convert string to float: 'abc'" without a file."""
+    root = _voc_with_xml(str(tmp_path), {
+        "000001": f"<annotation><size><width>abc</width><height>30</height></size>{_obj('dog', (1, 1, 5, 5))}"
+                  "</annotation>",
+        "000002": f"<annotation>{_obj('dog', (1, 'x', 5, 5))}</annotation>",
+        "000003": "<annotation><object><name>dog</name></object></annotation>",
+    })
+    with pytest.raises(DatasetError) as info:
+        load_index("voc", root, "test")
+    text = str(info.value)
+    ann = os.path.join(root, "VOCdevkit", "VOC2007", "Annotations")
+    assert f"{ann}/000001.xml: <size><width> is 'abc', expected a number" in text
+    assert f"{ann}/000002.xml: object 'dog' <bndbox><ymin> is 'x', expected a number" in text
+    assert f"{ann}/000003.xml: object 'dog' has no <bndbox>" in text

@@ -59,6 +59,23 @@ def read_split_ids(root: str, split: str) -> list[str]:
     return ids
 
 
+def _number(parent, tag: str, where: str, problems: list[str]) -> float | None:
+    """``float`` of ``parent``'s ``<tag>`` text, or ``None`` and a problem naming the field (absent, not a number)."""
+    text = parent.findtext(tag)
+    if text is None or not text.strip():
+        problems.append(f"{where}<{tag}> is missing")
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(f"{where}<{tag}> is {text.strip()!r}, expected a number")
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        problems.append(f"{where}<{tag}> is {text.strip()!r}, expected a finite number")
+        return None
+    return value
+
+
 def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, problems: list[str]):
     try:
         tree = ET.parse(path)
@@ -72,7 +89,10 @@ def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, p
     size = root.find("size")
     width = height = None
     if size is not None and size.findtext("width") and size.findtext("height"):
-        width, height = float(size.findtext("width")), float(size.findtext("height"))
+        width = _number(size, "width", f"{path}: <size>", problems)
+        height = _number(size, "height", f"{path}: <size>", problems)
+        if width is None or height is None:
+            width = height = None
     boxes, classes = [], []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
@@ -82,11 +102,14 @@ def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, p
         if difficult == "ignore" and (obj.findtext("difficult") or "0").strip() == "1":
             continue
         bnd = obj.find("bndbox")
-        try:
-            xmin, ymin, xmax, ymax = (float(bnd.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, TypeError, ValueError):
-            problems.append(f"{path}: object {name!r} has no valid bndbox")
+        if bnd is None:
+            problems.append(f"{path}: object {name!r} has no <bndbox>")
             continue
+        where = f"{path}: object {name!r} <bndbox>"
+        values = [_number(bnd, k, where, problems) for k in ("xmin", "ymin", "xmax", "ymax")]
+        if any(v is None for v in values):
+            continue
+        xmin, ymin, xmax, ymax = values
         x1, y1, x2, y2 = xmin - 1.0, ymin - 1.0, xmax, ymax
         if not (x2 > x1 and y2 > y1 and x1 >= 0 and y1 >= 0):
             problems.append(f"{path}: object {name!r} has an empty or negative box {(xmin, ymin, xmax, ymax)}")
