@@ -313,6 +313,7 @@ def validate(args: argparse.Namespace) -> None:
     _need(finite(args.delta) and args.delta > 0, "--delta", "> 0", args.delta)
     for flag, value in (("--iota", args.iota), ("--kappa", args.kappa), ("--lambda", args.lam)):
         _need(finite(value) and value >= 0, flag, "a finite number >= 0", value)
+    _need(0 <= args.seed <= 2**32 - 1, "--seed", "an int in [0, 2**32 - 1]", args.seed)
     _need(args.log_interval >= 1, "--log-interval", ">= 1", args.log_interval)
     _need(args.eval_interval >= 0, "--eval-interval", ">= 0", args.eval_interval)
     _need(finite(args.threshold) and 0 < args.threshold < 1, "--threshold", "in (0, 1)", args.threshold)

@@ -472,3 +472,41 @@ def test_ctrl_c_under_torchrun_writes_recovery_and_resumes(cache, tmp_path):
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert load_checkpoint(tmp_path / "ddp" / "last.pt")["epoch"] == 6
+
+
+# ---------------------------------------------------------------------------------------------- item 9
+def test_model_kwargs_drop_rate_is_honoured_by_the_mskd_head():
+    """timm applies drop_rate in its own classifier head, which MSKD replaces: before the fix the flag was
+    recorded in args.yaml and did nothing."""
+    import torch
+
+    from mskd_fast.models import create_model
+
+    model, _ = create_model("resnet10t", 5, drop_rate=0.5, channels=(8, 16, 32, 64), stem_width=8)
+    images, boxes = torch.randn(4, 3, 32, 32), torch.tensor([[[0.0, 0.0, 16.0, 16.0]]]).repeat(4, 1, 1)
+    model.train()
+    torch.manual_seed(0)
+    q1, r1 = model(images, boxes)
+    torch.manual_seed(1)
+    q2, r2 = model(images, boxes)
+    assert not torch.equal(q1, q2) and not torch.equal(r1, r2)  # dropout acts on both paths
+    model.eval()
+    assert torch.equal(model(images), model(images))  # and never in eval (the teacher)
+    plain, _ = create_model("resnet10t", 5, channels=(8, 16, 32, 64), stem_width=8)
+    assert set(plain.state_dict()) == set(model.state_dict())  # checkpoints are unchanged
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "drop_rate=abc"],
+     "--model-kwargs drop_rate must be a number in [0, 1), got 'abc'"),
+    (["--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "drop_rate=1.5"],
+     "--model-kwargs drop_rate must be a number in [0, 1), got 1.5"),
+    (["--seed", "-1"], "--seed must be an int in [0, 2**32 - 1], got -1"),
+    (["--seed", "123456789012345678901"], "--seed must be an int in [0, 2**32 - 1], got 123456789012345678901"),
+])
+def test_arguments_that_would_be_ignored_or_overflow_are_refused_up_front(cache, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as info:
+        main(_argv(cache, tmp_path, "run", *extra))
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder exists
