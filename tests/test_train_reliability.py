@@ -510,3 +510,43 @@ def test_arguments_that_would_be_ignored_or_overflow_are_refused_up_front(cache,
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder exists
+
+
+# ---------------------------------------------------------------------------------------------- item 10
+@pytest.mark.slow
+def test_ctrl_c_with_loader_workers_resumes_bit_exactly(cache, tmp_path):
+    """docs/TRAINING.md said resume is exact only with -j 0. The torch loader seeds each sample's augmentation
+    from (seed, epoch, shard, position), so with -j 2 a Ctrl-C (to the whole process group, as a terminal
+    sends it) and a resume give the very weights of an uninterrupted run, which equal those of -j 0."""
+    import signal
+
+    import torch
+
+    common = ("--deterministic", "-j", "2")
+    assert main(_argv(cache, tmp_path, "straight", *common, epochs=2)) == 0
+    assert main(_argv(cache, tmp_path, "straight0", "--deterministic", epochs=2)) == 0  # -j 0
+    log = tmp_path / "log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "mskd_fast.train",
+                                 *_argv(cache, tmp_path, "interrupted", *common, epochs=2)],
+                                env=ENV, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(log, "epoch 1 step 1/", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    recovery = load_checkpoint(tmp_path / "interrupted" / "recovery.pt")
+    assert 1 <= recovery["global_step"] < 8  # stopped inside the run
+    assert main(["--resume", str(tmp_path / "interrupted" / "recovery.pt")]) == 0
+    ref = load_checkpoint(tmp_path / "straight" / "last.pt")
+    for other in ("interrupted", "straight0"):
+        blob = load_checkpoint(tmp_path / other / "last.pt")
+        for key, value in ref["model"].items():
+            assert torch.equal(blob["model"][key], value), (other, key)
+        for k, state in ref["optimizer"]["state"].items():
+            assert torch.equal(blob["optimizer"]["state"][k]["momentum_buffer"], state["momentum_buffer"]), other
+    rows = {name: _summary(tmp_path / name) for name in ("straight", "interrupted")}
+    for key in ("loss", "bce", "lsd", "rsd", "ssd", "mAP"):
+        assert [r[key] for r in rows["straight"]] == [r[key] for r in rows["interrupted"]], key
