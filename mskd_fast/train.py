@@ -45,6 +45,7 @@ from mskd_fast.distributed import (
     all_gather_objects,
     all_reduce_max,
     barrier,
+    collective_timeout_message,
     init_distributed,
     resolve_device,
     shutdown,
@@ -585,7 +586,7 @@ def main(argv=None) -> int:
         validate(args)
     except SETUP_ERRORS as exc:
         parser.error(str(exc))
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout)
     try:
         try:
             trainer = Trainer(args, ctx, notes, resume)
@@ -596,6 +597,12 @@ def main(argv=None) -> int:
             code = trainer.fit()
         except ImageDecodeError as exc:  # under DDP: the rank that met it stops the job (no recovery.pt)
             print(f"error: rank {ctx.rank}: {exc}", file=sys.stderr)  # the other ranks fail on the lost peer
+            return 1
+        except RuntimeError as exc:  # a rank stopped responding (--dist-timeout)
+            message = collective_timeout_message(exc, ctx, args.dist_timeout)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
             return 1
         except WriteError as exc:  # a full disk: the file's previous version is intact (atomic writes)
             print(f"error: {exc}; its previous version (if any) is unchanged. Free some space (or use another "

@@ -550,3 +550,46 @@ def test_ctrl_c_with_loader_workers_resumes_bit_exactly(cache, tmp_path):
     rows = {name: _summary(tmp_path / name) for name in ("straight", "interrupted")}
     for key in ("loss", "bce", "lsd", "rsd", "ssd", "mAP"):
         assert [r[key] for r in rows["straight"]] == [r[key] for r in rows["interrupted"]], key
+
+
+# ---------------------------------------------------------------------------------------------- --dist-timeout
+@pytest.mark.slow
+def test_a_rank_that_stops_responding_ends_the_job_after_dist_timeout(cache, tmp_path):
+    """SIGSTOP one of two gloo ranks: rank 0's next collective fails after --dist-timeout (15 s here, instead
+    of the 30 min default gloo timeout that held the job before) with a message naming the flag; torchrun
+    then ends the job."""
+    import signal
+    import time
+
+    main(_argv(cache, tmp_path / "warm", "warm"))
+    log = tmp_path / "log"
+    argv = _argv(cache, tmp_path, "ddp", "--device", "cpu", "--dist-timeout", "0.25", epochs=50, batch=8)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "mskd_fast.train", *argv], env=ENV, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    stopped = None
+    try:
+        _wait_for(log, "epoch 1 step 2/", proc)
+        for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = dict(item.split(b"=", 1) for item in fh.read().split(b"\0") if b"=" in item)
+            if env.get(b"RANK") == b"1":
+                stopped = int(pid)
+        assert stopped is not None
+        os.kill(stopped, signal.SIGSTOP)
+        t0 = time.monotonic()
+        proc.wait(timeout=240)
+        elapsed = time.monotonic() - t0
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert proc.returncode != 0
+    assert "a collective operation waited --dist-timeout 0.25 min for the other ranks and gave up" in out, out[-4000:]
+    assert elapsed < 120, elapsed  # 15 s timeout + torchrun's 30 s grace for the stopped rank, not 30 min
