@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from mskd_fast._fs import WriteError, oserror_in_chain, write_failure
+
 __all__ = ["atomic_path", "default_file_mode"]
 
 
@@ -25,12 +27,18 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[s
     ``open()`` would give and is renamed onto ``path`` with ``os.replace`` (readers never see a
     half-written file); on any exception it is removed and ``path`` is untouched. ``durable=True``
     also fsyncs the file before the rename and the folder after it (for checkpoints).
+
+    A failure of the file system (an ``OSError`` with an ``errno`` anywhere in the exception's chain: a
+    full disk, a read-only mount, ...) is raised as :class:`mskd_fast._fs.WriteError` naming ``path``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1] or ".tmp"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                   suffix=os.path.splitext(path)[1] or ".tmp")
+    except OSError as exc:
+        raise WriteError(write_failure(exc, path)) from exc
     os.close(fd)
     try:
         yield tmp
@@ -39,9 +47,11 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = False) -> Iterator[s
                 os.fsync(fh.fileno())
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and not isinstance(exc, WriteError) and oserror_in_chain(exc) is not None:
+            raise WriteError(write_failure(exc, path)) from exc
         raise
     if durable:
         try:

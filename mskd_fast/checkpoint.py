@@ -3,7 +3,9 @@
 A checkpoint is a plain dict saved with ``torch.save`` and read back with ``weights_only=True``, so it
 may only hold tensors, numbers, strings, ``None`` and dicts/lists/tuples of them (no pickled objects).
 ``atomic_save`` writes to a temporary file in the same folder, fsyncs it and ``os.replace``s it over the
-target, so a crash (or Ctrl-C) never leaves a half-written ``last.pt``.
+target, so a crash (or Ctrl-C) never leaves a half-written ``last.pt``; a full disk (or any other file
+system error) raises :class:`mskd_fast._fs.WriteError` ("no space left on device while writing PATH
+(N MB needed, M MB free)") and leaves the previous file as it was.
 """
 
 from __future__ import annotations
@@ -18,18 +20,48 @@ import numpy as np
 import torch
 
 from mskd_fast._atomic import atomic_path, default_file_mode
+from mskd_fast._fs import WriteError, oserror_in_chain, write_failure
 
-__all__ = ["FORMAT", "atomic_save", "capture_rng", "default_file_mode", "load_checkpoint", "restore_rng"]
+__all__ = ["FORMAT", "WriteError", "atomic_save", "capture_rng", "default_file_mode", "load_checkpoint",
+           "payload_bytes", "restore_rng"]
 
 FORMAT = "mskd-fast-checkpoint-v1"
 
 
 def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path."""
+    """``torch.save(obj)`` to ``path`` atomically (temp file + fsync + ``os.replace``); returns the path.
+
+    Raises :class:`mskd_fast._fs.WriteError` naming ``path`` and the bytes needed when the file system fails
+    (``path`` keeps its previous content). The file is written through a Python file object, so that the
+    ``OSError`` of a short write reaches us (torch's own writer reports it as ``unexpected pos``).
+    """
     path = os.fspath(path)
-    with atomic_path(path, durable=True) as tmp:
-        torch.save(obj, tmp)
+    try:
+        with atomic_path(path, durable=True) as tmp, open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+    except Exception as exc:
+        if isinstance(exc, WriteError) or oserror_in_chain(exc) is not None:
+            raise WriteError(write_failure(exc, path, payload_bytes(obj))) from exc
+        raise
     return path
+
+
+def payload_bytes(obj) -> int:
+    """Bytes of tensor data in ``obj`` (nested dicts/lists/tuples; shared storages counted once) + 64 KiB."""
+    seen, total, stack = set(), 64 * 1024, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (storage.data_ptr(), item.device.type)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
 
 
 def load_checkpoint(path: str | os.PathLike, *, require=("model",)) -> dict:

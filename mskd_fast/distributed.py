@@ -12,7 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "all_gather_objects", "all_reduce_max", "barrier", "init_distributed", "shutdown"]
+__all__ = ["DEFAULT_TIMEOUT_MIN", "DistContext", "all_gather_objects", "all_reduce_max", "barrier",
+           "collective_timeout_message", "init_distributed", "shutdown"]
 
 
 @dataclass
@@ -57,11 +58,16 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(device_flag: str = "auto") -> DistContext:
+DEFAULT_TIMEOUT_MIN = 10.0
+
+
+def init_distributed(device_flag: str = "auto", timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistContext:
     """Join the process group when launched by torchrun (``WORLD_SIZE > 1``), else a single-process context.
 
     Under torchrun each process uses ``cuda:LOCAL_RANK`` with NCCL, or the CPU with gloo. Either way a CUDA
-    device (``--device cuda:1`` included) becomes the process's current device.
+    device (``--device cuda:1`` included) becomes the process's current device. ``timeout_min``: how long a
+    collective waits for the other ranks before it fails (``--dist-timeout``; torch's defaults are 10 min
+    for NCCL and 30 min for gloo), so a rank that stops responding ends the job instead of holding it.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -80,8 +86,26 @@ def init_distributed(device_flag: str = "auto") -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device, backend=backend)
+
+
+def collective_timeout_message(exc: BaseException, ctx: DistContext, timeout_min: float) -> str | None:
+    """A one-line explanation when ``exc`` is a collective that timed out waiting for another rank, else None.
+
+    Names the peer when the backend's text does (gloo reports the peer's address or rank on some paths).
+    """
+    text = str(exc)
+    if not ctx.distributed or not any(k in text for k in ("Timed out", "timed out", "Timeout", "timeout")):
+        return None
+    import re
+
+    peer = re.search(r"(rank \d+|[Rr]ank:? ?\d+|\[[0-9a-fA-F.:]+\]:\d+)", text)
+    told = f" (the backend names {peer.group(1)})" if peer else " (the backend does not say which)"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return (f"rank {ctx.rank}: a collective operation waited --dist-timeout {timeout_min:g} min for the other "
+            f"ranks and gave up: a rank stopped responding{told} (a stopped or frozen process, a hung GPU, a "
+            f"network failure). Backend message: {first}")
 
 
 def shutdown(ctx: DistContext) -> None:

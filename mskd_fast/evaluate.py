@@ -33,14 +33,23 @@ def evaluate(model, loader, num_classes: int, *, class_names=None, amp_dtype: to
 
     ``loader`` yields ``(images, targets, sample_ids)`` with ``-1`` ids for padding rows. With
     ``distributed=True`` the rows of all ranks are gathered (a collective: every rank must call this).
+    The returned metrics carry ``skipped_ids``: the samples the loader left out because their image could
+    not be decoded (``on_bad_image="skip"``; of every rank), which :func:`write_eval_reports` expects missing.
     """
     metrics = MultiLabelMetrics(num_classes, threshold=threshold, class_names=class_names)
     for images, targets, ids in loader:
         with torch.autocast(images.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(images)
         metrics.update(logits.float(), targets, ids)
+    skipped = set(getattr(loader, "skipped_ids", ()))
     if distributed:
         metrics.sync()
+        import torch.distributed as dist
+
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, skipped)
+        skipped = set().union(*every)
+    metrics.skipped_ids = skipped
     return metrics
 
 
@@ -52,7 +61,8 @@ def write_eval_reports(metrics: MultiLabelMetrics, index, img_size: int, out_dir
     ``collapse_signals``, the :func:`mskd_fast.collapse.eval_signals` of the evaluated ``(N, C)`` logits,
     taken from the same rows); ``scale_table`` the per-scale recall rows or ``None`` for datasets without
     boxes. Raises ``RuntimeError`` if the evaluated sample ids are not exactly ``0..N-1`` of ``index`` (a
-    sample missing or extra).
+    sample missing or extra), less the ``metrics.skipped_ids`` (images that could not be decoded, left out
+    with ``on_bad_image="skip"``; ``result["skipped_samples"]`` counts them).
     """
     result = metrics.compute()
     rows = metrics.rows()
@@ -62,18 +72,21 @@ def write_eval_reports(metrics: MultiLabelMetrics, index, img_size: int, out_dir
         result.update(eval_signals(torch.from_numpy(rows["logits"])))
     ids = rows["sample_ids"]
     n = len(index)
-    if ids.shape[0] != n or not np.array_equal(ids, np.arange(n)):
+    skipped = sorted(getattr(metrics, "skipped_ids", ()))
+    expected = np.setdiff1d(np.arange(n), np.asarray(skipped, dtype=np.int64))
+    if ids.shape[0] != expected.shape[0] or not np.array_equal(ids, expected):
         raise RuntimeError(
-            f"evaluation covered {ids.shape[0]} distinct samples of {n} (ids {ids[:5].tolist()}...): "
-            "every sample must be evaluated exactly once"
+            f"evaluation covered {ids.shape[0]} distinct samples of {n} ({len(skipped)} skipped as undecodable; "
+            f"ids {ids[:5].tolist()}...): every other sample must be evaluated exactly once"
         )
+    result["skipped_samples"] = len(skipped)
     os.makedirs(out_dir, exist_ok=True)
-    positives = index.labels.sum(axis=0)
+    positives = index.labels[ids].sum(axis=0)
     write_per_class_ap(os.path.join(out_dir, "per_class_ap.csv"), index.class_names, result["AP"], positives)
     table = None
     if index.boxes is not None and index.image_sizes is not None:
-        table = per_scale_recall(rows["probs"], index.boxes, index.box_classes, index.image_sizes, img_size,
-                                 bin_px=10, threshold=threshold)
+        table = per_scale_recall(rows["probs"], [index.boxes[i] for i in ids], [index.box_classes[i] for i in ids],
+                                 index.image_sizes[ids], img_size, bin_px=10, threshold=threshold)
         write_scale_recall(os.path.join(out_dir, "scale_recall"), table, label)
     return result, table
 
@@ -155,6 +168,7 @@ _DATA_KEYS = ("dataset", "data_dir", "train_split", "eval_split", "voc_difficult
 
 def main(argv=None) -> int:
     """CLI entry point; returns the exit code."""
+    from mskd_fast._fs import WriteError, check_writable_dir
     from mskd_fast.checkpoint import load_checkpoint
     from mskd_fast.data import build_loader, index_from_args, split_from_args
     from mskd_fast.distributed import init_distributed, shutdown
@@ -180,6 +194,10 @@ def main(argv=None) -> int:
             args.loader = run_loader(args.checkpoint, run_args)
         if args.batch_size < 1 or args.img_size < 16 or not 0 < args.threshold < 1:
             raise ValueError("--batch-size must be >= 1, --img-size >= 16 and --threshold in (0, 1)")
+        split = split_from_args(args, "eval")
+        out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                              f"eval-{args.dataset}-{split}")
+        check_writable_dir(out_dir, "--output" if args.output else "report folder (set another with --output)")
         ctx = init_distributed(args.device)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.error(str(exc))
@@ -203,31 +221,37 @@ def main(argv=None) -> int:
             amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
             loader = build_loader(index, train=False, batch_size=args.batch_size, img_size=args.img_size,
                                   loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
-                                  num_shards=ctx.world_size, channels_last=args.channels_last, device=ctx.device)
+                                  num_shards=ctx.world_size, channels_last=args.channels_last, device=ctx.device,
+                                  on_bad_image=args.on_bad_image)
             backend = loader.backend
+            metrics = evaluate(model, loader, meta["num_classes"], class_names=index.class_names,
+                               amp_dtype=amp_dtype, threshold=args.threshold, distributed=ctx.distributed)
         except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        metrics = evaluate(model, loader, meta["num_classes"], class_names=index.class_names,
-                           amp_dtype=amp_dtype, threshold=args.threshold, distributed=ctx.distributed)
         if ctx.is_main:
-            split = split_from_args(args, "eval")
-            out_dir = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                                  f"eval-{args.dataset}-{split}")
-            result, table = write_eval_reports(metrics, index, args.img_size, out_dir,
-                                               label=meta["model_name"], threshold=args.threshold)
-            summary = {k: _json_safe(float(result[k])) for k in METRIC_KEYS}
-            summary.update(num_samples=result["num_samples"], excluded_classes=list(result["excluded_classes"]),
-                           checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
-                           epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
             from mskd_fast.reports import write_text
 
-            write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+            try:
+                result, table = write_eval_reports(metrics, index, args.img_size, out_dir,
+                                                   label=meta["model_name"], threshold=args.threshold)
+                summary = {k: _json_safe(float(result[k])) for k in METRIC_KEYS}
+                summary.update(num_samples=result["num_samples"], skipped_samples=result["skipped_samples"],
+                               excluded_classes=list(result["excluded_classes"]),
+                               checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
+                               epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
+                write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
+            except WriteError as exc:  # e.g. the disk filled up during the evaluation
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             print(f"{index.summary()}\ncheckpoint {args.checkpoint} (epoch {ckpt.get('epoch')}) | loader {backend} "
                   f"| img {args.img_size}px")
             print(format_table([[k, float(result[k])] for k in METRIC_KEYS], ["metric", "%"]))
             if result["excluded_classes"]:
                 print(f"excluded from mAP (no positive): {result['excluded_classes']}")
+            if result["skipped_samples"]:
+                print(f"warning: {result['skipped_samples']} of {len(index)} images could not be decoded and were "
+                      "left out (--on-bad-image skip); the metrics cover the others")
             if table is not None:
                 from mskd_fast.metrics import format_scale_recall
 

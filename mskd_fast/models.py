@@ -13,6 +13,9 @@ Decisions the SPEC leaves open (documented here):
 * the image head is global *average* pooling followed by one ``nn.Linear`` (timm's default head);
   the crop head is the same ``nn.Linear`` on the ROI-pooled vector (``roi_pool`` output size 1, so its
   global pool is the identity);
+* timm's classifier dropout (``drop_rate``, e.g. ``--model-kwargs drop_rate=0.2``) lives in timm's own head,
+  which MSKD replaces; :class:`MSKDModel` applies it itself, to the pooled vector before the linear head, on
+  both the image and the crop path (in training mode only: the eval teacher never drops);
 * the linear head always runs in float32 outside autocast, so ``q``, ``r`` and teacher logits are fp32
   whatever the AMP dtype (it is a ``(N,D) x (D,C)`` product: negligible cost);
 * ``spatial_scale = h / H`` from the real shapes; a map whose ``h/H`` differs from ``w/W`` is refused,
@@ -70,6 +73,10 @@ class MSKDModel(nn.Module):
         self.num_features = num_features
         self.num_classes = num_classes
         self.roi_mode = roi_mode
+        drop_rate = float(getattr(backbone, "drop_rate", 0.0) or 0.0)
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.fc = nn.Linear(num_features, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,9 +97,9 @@ class MSKDModel(nn.Module):
         return f
 
     def head(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N,C)`` float32 from pooled features ``(N,D)`` (run outside autocast)."""
+        """Logits ``(N,C)`` float32 from pooled features ``(N,D)`` (run outside autocast; head dropout first)."""
         with torch.autocast(pooled.device.type, enabled=False):
-            return self.fc(pooled.float())
+            return self.fc(self.head_drop(pooled.float()))
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None, *, with_features: bool = False):
         """``q (B,C)`` for ``x (B,3,H,W)``; with ``boxes (B,S,4)`` (input pixels, x1,y1,x2,y2) also ``r (B,S,C)``.
@@ -237,6 +244,18 @@ def _check_model_name(name) -> None:
 _SUPPORTED_EXAMPLES = "resnet34, mobilenetv2_100, convnext_tiny, swin_tiny_patch4_window7_224"
 
 
+DROP_RATES = ("drop_rate", "drop_path_rate", "drop_block_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate")
+
+
+def _check_rates(timm_kwargs: dict) -> None:
+    """timm's dropout-like arguments must be numbers in [0, 1) (timm itself accepts a string and fails later)."""
+    for key in DROP_RATES:
+        if key in timm_kwargs:
+            value = timm_kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"--model-kwargs {key} must be a number in [0, 1), got {value!r}")
+
+
 def check_model(name: str, *, img_size: int | None = None, **timm_kwargs) -> tuple[int, int, int] | None:
     """Check that timm model ``name`` can serve as an MSKD backbone, without allocating any weights.
 
@@ -251,6 +270,7 @@ def check_model(name: str, *, img_size: int | None = None, **timm_kwargs) -> tup
     spatial feature map (e.g. plain ViT), or arguments timm rejects.
     """
     _check_model_name(name)
+    _check_rates(timm_kwargs)
     size = 224 if img_size is None else img_size
     try:
         with torch.device("meta"):

@@ -20,7 +20,9 @@ Non-finite loss/gradient: the step is skipped on the device (no host sync per st
 means average over the steps that counted. The counters are read every ``--log-interval`` steps, and once
 10 consecutive steps were skipped the run stops with a recovery checkpoint (a resume starts a new streak).
 SIGINT/SIGTERM: the run stops after the current step (single process) or at the next log interval (DDP,
-so that all ranks stop at the same step) and writes ``recovery.pt``; a second signal kills immediately.
+so that all ranks stop at the same step) and writes ``recovery.pt``; a second signal kills immediately,
+unless it comes within ``SIGNAL_GRACE_S`` of the first (a launcher that forwards one interrupt as two
+signals, SIGINT then SIGTERM): then it is ignored, and the recovery checkpoint is still written.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mskd_fast.checkpoint import atomic_save, load_checkpoint
+from mskd_fast.checkpoint import WriteError, atomic_save, load_checkpoint
+from mskd_fast.data.index import ImageDecodeError
 from mskd_fast.diagnostics import diagnostic_keys, opposing_terms
 from mskd_fast.distributed import (
     DistContext,
     all_gather_objects,
     all_reduce_max,
     barrier,
+    collective_timeout_message,
     init_distributed,
     resolve_device,
     shutdown,
@@ -54,6 +58,7 @@ from mskd_fast.train_log import TERMS, say, terms_for
 __all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
 
 NONFINITE_LIMIT = 10
+SIGNAL_GRACE_S = 2.0  # a second stop signal sooner than this after the first is taken as the same request
 
 
 class SetupError(ValueError):
@@ -142,7 +147,7 @@ class Trainer:
         from mskd_fast.data import build_loader, index_from_args, resolve_backend
         from mskd_fast.losses import MSKDLoss
         from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
-        from mskd_fast.run_dir import check_run_folder, choose_run_folder
+        from mskd_fast.run_dir import plan_run_folder
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
 
         self.args, self.ctx, self.notes = args, ctx, notes
@@ -152,12 +157,12 @@ class Trainer:
         self.resume_changes = {} if resume is None else resume.changes
         self.run_id = uuid.uuid4().hex
         self.resume_notes: list[str] = []
-        self.out_dir = None
-        if ctx.is_main:  # checked before anything is built or written
-            self.out_dir = choose_run_folder(args, set() if resume is None else resume.explicit,
-                                             None if resume is None else resume.path)
-            check_run_folder(self.out_dir, None if resume is None else resume.path,
-                             None if resume_blob is None else resume_blob.get("run_id"))
+        self.out_dir = self.run_folder = None
+        if ctx.is_main:  # checked before anything is built or written; claimed (and locked) when writing starts
+            self.run_folder = plan_run_folder(args, set() if resume is None else resume.explicit,
+                                              None if resume is None else resume.path,
+                                              None if resume_blob is None else resume_blob.get("run_id"))
+            self.out_dir = self.run_folder.path
         if args.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -183,7 +188,8 @@ class Trainer:
         self.amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
         load_dtype = self.amp_dtype if (self.amp_dtype is not None and device.type == "cuda") else torch.float32
         common = dict(img_size=args.img_size, loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
-                      num_shards=ctx.world_size, dtype=load_dtype, channels_last=args.channels_last, device=device)
+                      num_shards=ctx.world_size, dtype=load_dtype, channels_last=args.channels_last, device=device,
+                      on_bad_image=args.on_bad_image)
         self.loader_backend = resolve_backend(args.loader, device)
         self.train_loader = build_loader(self.train_index, train=True, batch_size=args.batch_size, seed=args.seed,
                                          randaugment=args.randaugment, **common)
@@ -281,7 +287,9 @@ class Trainer:
         """Create the folder, remove stale temp files, repair ``best.pt`` on resume, write ``args.yaml``."""
         from mskd_fast.run_dir import remove_stale_temps, repair_best
 
-        os.makedirs(self.out_dir, exist_ok=True)
+        self.out_dir = self.run_folder.claim()
+        if self.run_folder.lock.note:
+            self.resume_notes.append(self.run_folder.lock.note)
         self.args.output, self.args.experiment = os.path.split(self.out_dir)
         for path in remove_stale_temps(self.out_dir):
             self.resume_notes.append(f"removed a stale temporary file of an interrupted write: {path}")
@@ -328,9 +336,12 @@ class Trainer:
     # ------------------------------------------------------------------ signals
     def _install_signals(self) -> None:
         def handler(signum, _frame):
-            self.stop_signal = signum
-            for sig, old in self._old_handlers.items():  # a second signal acts immediately
-                signal.signal(sig, old)
+            now = time.monotonic()
+            if self.stop_signal is None:
+                self.stop_signal, self._signal_time = signum, now
+            elif now - self._signal_time > SIGNAL_GRACE_S:  # a deliberate second signal acts immediately
+                self._restore_signals()
+                signal.raise_signal(signum)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -365,12 +376,21 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.stop_signal is not None:  # a launcher's follow-up signal may still come: absorb it, then exit
+                time.sleep(max(0.0, self._signal_time + SIGNAL_GRACE_S - time.monotonic()))
             self._restore_signals()
+            if self.run_folder is not None:
+                self.run_folder.release()
 
     def _fit(self) -> int:
         a, ctx = self.args, self.ctx
         stream = self._batches()
-        cur = next(stream, None)
+        try:
+            cur = next(stream, None)
+        except ImageDecodeError as exc:
+            return self._stop_bad_image(exc, None)
+        if self.step_in_epoch >= self.steps_per_epoch:  # resumed from a stop between an epoch's end and its eval
+            self._end_epoch(self.epoch, cur)
         bar = None
         window_t, window_steps = time.time(), 0
         epoch_t0 = time.time()
@@ -382,14 +402,15 @@ class Trainer:
             self._check_look_ahead(images, ids)
             try:
                 nxt = next(stream, None)
-            except Exception:
-                if self.stop_signal is None:
+            except Exception as exc:
+                if self.stop_signal is None and not isinstance(exc, ImageDecodeError):
                     raise
-                # Ctrl-C reached the loader's worker processes too (same process group) and they died:
-                # stop before this step, whose batch (and S-SD logits) the checkpoint then points at.
+                # Ctrl-C reached the loader's worker processes too (same process group) and they died, or an
+                # image could not be decoded: stop before this step, whose batch (and S-SD logits) the
+                # checkpoint then points at.
                 if bar is not None:
                     bar.close()
-                return self._stop("signal", cur)
+                return self._stop("signal", cur) if self.stop_signal is not None else self._stop_bad_image(exc, cur)
             diagnose = self.global_step % a.log_interval == 0
             out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose, sample_ids=ids,
                             epoch=epoch)
@@ -413,7 +434,10 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                     bar = None
-                self._end_epoch(epoch, nxt)
+                try:
+                    self._end_epoch(epoch, nxt)
+                except ImageDecodeError as exc:  # met by the evaluation
+                    return self._stop_bad_image(exc, nxt)
                 epoch_t0 = window_t = time.time()
             if stop:
                 return self._stop(stop, nxt)
@@ -534,6 +558,21 @@ class Trainer:
                              title=f"{self.args.method} {self.args.model} on {self.args.dataset}",
                              terms=self.terms)
 
+    def _stop_bad_image(self, exc: ImageDecodeError, nxt) -> int:
+        """An image could not be decoded (``--on-bad-image error``): recovery checkpoint, message, exit code 1.
+
+        Under DDP only the rank that met it knows (the checkpoint is a collective): it raises, ending the job.
+        """
+        if self.ctx.distributed:
+            raise exc
+        paths = self._save(["recovery.pt"], "bad_image", nxt[2] if nxt is not None else None)
+        path = paths[0] if paths else "recovery.pt"
+        print(f"error: {exc}", file=sys.stderr)
+        self._say(f"stopped at epoch {self.epoch + 1} step {self.step_in_epoch} because an image could not be "
+                  f"decoded; recovery checkpoint {path}; after fixing or removing {exc.path}, continue with "
+                  f"--resume {path} (or add --on-bad-image skip)")
+        return 1
+
     def _stop(self, reason: str, nxt) -> int:
         paths = self._save(["recovery.pt"], reason, nxt[2] if nxt is not None else None)
         path = paths[0] if paths else "recovery.pt"
@@ -570,7 +609,7 @@ def _plain(obj):
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-SETUP_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError)
+SETUP_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, WriteError)
 
 
 def main(argv=None) -> int:
@@ -594,14 +633,28 @@ def main(argv=None) -> int:
         validate(args)
     except SETUP_ERRORS as exc:
         parser.error(str(exc))
-    ctx = init_distributed(args.device)
+    ctx = init_distributed(args.device, args.dist_timeout)
     try:
         try:
             trainer = Trainer(args, ctx, notes, resume)
         except SETUP_ERRORS as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        code = trainer.fit()
+        try:
+            code = trainer.fit()
+        except ImageDecodeError as exc:  # under DDP: the rank that met it stops the job (no recovery.pt)
+            print(f"error: rank {ctx.rank}: {exc}", file=sys.stderr)  # the other ranks fail on the lost peer
+            return 1
+        except RuntimeError as exc:  # a rank stopped responding (--dist-timeout)
+            message = collective_timeout_message(exc, ctx, args.dist_timeout)
+            if message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 1
+        except WriteError as exc:  # a full disk: the file's previous version is intact (atomic writes)
+            print(f"error: {exc}; its previous version (if any) is unchanged. Free some space (or use another "
+                  "--output) and continue with --resume from the run's last checkpoint", file=sys.stderr)
+            return 2
         barrier(ctx)
         return code
     finally:

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate every N epochs (the last epoch is always evaluated); 0 = last epoch only")
     r.add_argument("--threshold", type=float, default=0.5, help="probability threshold of OP/OR/OF1/CP/CR/CF1")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    r.add_argument("--dist-timeout", type=float, default=10.0, metavar="MIN",
+                   help="under torchrun: minutes a collective waits for the other ranks before the job fails "
+                        "(a rank that stops responding ends the job instead of holding it)")
     r.add_argument("--no-progress", action="store_true",
                    help="no tqdm bars, log lines instead (also when stdout is not a terminal)")
     return p
@@ -342,6 +345,8 @@ def validate(args: argparse.Namespace) -> None:
           args.rsd_crop_temperature)
     for flag, value in (("--iota", args.iota), ("--kappa", args.kappa), ("--lambda", args.lam)):
         _need(finite(value) and value >= 0, flag, "a finite number >= 0", value)
+    _need(finite(args.dist_timeout) and args.dist_timeout > 0, "--dist-timeout", "> 0 (minutes)", args.dist_timeout)
+    _need(0 <= args.seed <= 2**32 - 1, "--seed", "an int in [0, 2**32 - 1]", args.seed)
     _need(args.log_interval >= 1, "--log-interval", ">= 1", args.log_interval)
     _need(args.eval_interval >= 0, "--eval-interval", ">= 0", args.eval_interval)
     _need(finite(args.threshold) and 0 < args.threshold < 1, "--threshold", "in (0, 1)", args.threshold)

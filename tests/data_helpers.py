@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -131,3 +133,29 @@ def make_fake_fashion_mnist(root: str, side: int = 6, n_train: int = 60000, n_te
         write_idx(os.path.join(root, f"{kind}-images-idx3-ubyte.gz"), images)
         write_idx(os.path.join(root, f"{kind}-labels-idx1-ubyte.gz"), (np.arange(n) % 10).astype(np.uint8))
     return root
+
+
+def png_bytes(samples: np.ndarray, bit_depth: int, colour_type: int) -> bytes:
+    """A PNG of ``samples`` (H, W) or (H, W, channels), written by hand (PIL cannot write 16-bit colour)."""
+    h, w = samples.shape[:2]
+    dtype = ">u2" if bit_depth == 16 else "u1"
+    raw = b"".join(b"\x00" + samples[y].astype(dtype).tobytes() for y in range(h))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def break_huffman_table(path: str) -> str:
+    """Make a JPEG undecodable while its header stays valid: overwrite the first Huffman table's 16 code
+    counts (decoders report "Bogus Huffman table definition"; the start check still passes)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = data.index(b"\xff\xc4")
+    data[at + 5 : at + 21] = b"\xff" * 16
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    return path

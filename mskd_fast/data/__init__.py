@@ -12,7 +12,7 @@ from .base import IMAGENET_MEAN, IMAGENET_STD, Loader
 from .cli import add_data_args, index_from_args, split_from_args, synthetic_config_from_args
 from .dali import dali_import_error
 from .datasets import DATASETS, eval_split_name, load_index, train_split_name
-from .index import DatasetError, DatasetIndex
+from .index import DatasetError, DatasetIndex, ImageDecodeError
 from .loader import LOADERS, build_loader, dali_decode_device, resolve_backend
 from .synthetic import SYNTHETIC_CLASSES, SyntheticConfig, ensure_synthetic
 from .voc import VOC_CLASSES
@@ -26,6 +26,7 @@ __all__ = [
     "VOC_CLASSES",
     "DatasetError",
     "DatasetIndex",
+    "ImageDecodeError",
     "Loader",
     "SyntheticConfig",
     "add_data_args",

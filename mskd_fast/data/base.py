@@ -11,16 +11,24 @@ A loader yields ``(images, targets, sample_ids)``:
 
 Targets are gathered on the device from a table of all label rows (one extra zero row, which
 index ``-1`` selects), so no label crosses the host per batch.
+
+An image that passed the start check but cannot be decoded when a loader meets it (``on_bad_image``):
+``"error"`` raises :class:`mskd_fast.data.index.ImageDecodeError` naming the file; ``"skip"`` leaves the
+sample out where it is met: a training batch is one row shorter, an evaluation sample becomes a padding
+row (id ``-1``, not counted). Skipped samples are recorded in ``decode_failures`` (path -> reason, over
+the loader's life) and ``skipped_ids`` (sample ids left out by the current or last pass), and each
+file is reported once on stderr (``warning: skipped PATH ...``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .index import DatasetIndex
+from .index import ON_BAD_IMAGE, DatasetIndex, ImageDecodeError
 from .plan import check_shard, num_batches
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -47,6 +55,7 @@ class LoaderOptions:
     randaugment_magnitude: int = 9
     crop_scale: tuple[float, float] = (0.7, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    on_bad_image: str = "error"
 
     def __post_init__(self):
         for name in ("batch_size", "img_size"):
@@ -69,6 +78,8 @@ class LoaderOptions:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {self.crop_ratio}")
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {self.on_bad_image!r}")
 
 
 class Loader:
@@ -86,6 +97,8 @@ class Loader:
         self.index = index
         self.options = options
         self._next_epoch = 0
+        self.decode_failures: dict[str, str] = {}
+        self.skipped_ids: set[int] = set()
         n, per_shard = len(index), len(index) // options.num_shards
         if options.train and per_shard < options.batch_size:
             raise ValueError(
@@ -95,6 +108,18 @@ class Loader:
         table = torch.zeros((n + 1, index.num_classes), dtype=torch.float32)
         table[:n] = torch.from_numpy(index.labels).float()
         self._targets = table.to(options.device)
+
+    def bad_image(self, sample_id: int, path: str, detail: str) -> None:
+        """A sample that cannot be decoded: raise (``on_bad_image="error"``) or record it and warn once."""
+        if self.options.on_bad_image == "error":
+            raise ImageDecodeError(path, detail)
+        self.skipped_ids.add(int(sample_id))
+        if path not in self.decode_failures:
+            self.decode_failures[path] = detail
+            o = self.options
+            where = f"{'training' if o.train else 'evaluation'}" + (f", shard {o.shard_id}" if o.num_shards > 1 else "")
+            print(f"warning: skipped {path}: {detail} (--on-bad-image skip; {len(self.decode_failures)} image(s) "
+                  f"skipped so far in {where})", file=sys.stderr, flush=True)
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next iteration (order and augmentation are functions of (seed, epoch))."""

@@ -14,11 +14,12 @@ regions are left out of the boxes (they are groups, not objects) and counted und
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 _SPLITS = {"train": "train", "test": "val", "val": "val"}
 
@@ -35,6 +36,53 @@ def _locate(data_dir: str, split: str) -> tuple[str, str]:
     raise DatasetError(f"COCO split {split!r} not found under {data_dir!r}: expected " + " or ".join(tried))
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_records(ann_path: str, data: dict) -> None:
+    """Every image, category and annotation record has the fields the reader uses, with usable values.
+
+    Raises :class:`DatasetError` listing ``FILE: images[K] (id ID): 'file_name' is missing``-style lines.
+    """
+    problems: list[str] = []
+
+    def need(record, where: str, field: str, ok, expected: str) -> None:
+        if not isinstance(record, dict):
+            problems.append(f"{where}: is {type(record).__name__}, expected an object")
+        elif field not in record:
+            problems.append(f"{where}: {field!r} is missing")
+        elif not ok(record[field]):
+            value = "null" if record[field] is None else repr(record[field])[:60]
+            problems.append(f"{where}: {field!r} is {value}, expected {expected}")
+
+    int_id = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, fields in (("images", (("id", int_id, "an integer"),
+                                    ("file_name", lambda v: isinstance(v, str) and v, "a file name"))),
+                        ("categories", (("id", int_id, "an integer"),
+                                        ("name", lambda v: isinstance(v, str) and v, "a name")))):
+        seen = {}
+        for k, record in enumerate(data[key]):
+            rid = record.get("id") if isinstance(record, dict) else None
+            where = f"{ann_path}: {key}[{k}]" + (f" (id {rid})" if rid is not None else "")
+            for field, ok, expected in fields:
+                need(record, where, field, ok, expected)
+            if int_id(rid):
+                if rid in seen:
+                    problems.append(f"{where}: id {rid} repeats {key}[{seen[rid]}]")
+                seen.setdefault(rid, k)
+    bbox_ok = lambda v: isinstance(v, (list, tuple)) and len(v) == 4 and all(_is_number(x) for x in v)  # noqa: E731
+    for k, ann in enumerate(data["annotations"]):
+        rid = ann.get("id") if isinstance(ann, dict) else None
+        where = f"{ann_path}: annotation {rid} (annotations[{k}])" if rid is not None else \
+            f"{ann_path}: annotations[{k}]"
+        for field in ("image_id", "category_id"):
+            need(ann, where, field, lambda v: True, "")
+        need(ann, where, "bbox", bbox_ok, "[x, y, width, height] of 4 finite numbers")
+    if problems:
+        raise_listing(f"{ann_path}: malformed records", problems)
+
+
 def read_coco(data_dir: str, split: str, *, on_bad_image: str = "error") -> DatasetIndex:
     """Read the COCO ``train`` or ``test``/``val`` split into a :class:`DatasetIndex` with boxes."""
     if data_dir is None:
@@ -45,13 +93,15 @@ def read_coco(data_dir: str, split: str, *, on_bad_image: str = "error") -> Data
         raise DatasetError(f"data_dir {data_dir!r} does not exist or is not a folder")
     image_dir, ann_path = _locate(data_dir, split)
     try:
-        with open(ann_path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(read_text(ann_path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{ann_path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{ann_path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
-        if key not in data:
+        if not isinstance(data.get(key), list):
             raise DatasetError(f"{ann_path}: missing the {key!r} list of a COCO instances file")
+    _check_records(ann_path, data)
     categories = sorted(data["categories"], key=lambda c: c["id"])
     class_names = [c["name"] for c in categories]
     cat_to_idx = {c["id"]: i for i, c in enumerate(categories)}
@@ -75,7 +125,7 @@ def read_coco(data_dir: str, split: str, *, on_bad_image: str = "error") -> Data
         if ann.get("iscrowd", 0):
             skipped["crowd_box"] += 1
             continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
+        x, y, w, h = (float(v) for v in ann["bbox"])  # checked by _check_records
         if w <= 0 or h <= 0:
             skipped["degenerate_box"] += 1
             continue

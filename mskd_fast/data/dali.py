@@ -25,6 +25,12 @@ order. The reader's labels are sample indices (training) or list positions (eval
 sample ids with ``-1`` padding); the multi-hot targets are gathered from a table on the device.
 Augmentation randomness is seeded from ``(seed, shard_id)`` once and continues across epochs.
 
+Images that cannot be decoded (``on_bad_image``): a DALI decoder error ends the pipeline, so the loader
+finds the file(s) among the batches in flight (each decoded alone by a small pipeline with the same
+decoder), then raises :class:`mskd_fast.data.index.ImageDecodeError` (``"error"``) or leaves them out
+(``"skip"``) and rebuilds its pipelines where the failed batch was: a training sample is dropped from its
+batch (the processing pipeline takes variable batches), an evaluation sample becomes a padding row.
+
 bf16 output: DALI has no bfloat16, so the pipeline emits fp32 and the batch is cast on the device.
 ``channels_last``: the pipeline emits ``HWC``, and the (B, H, W, 3) batch viewed as (B, 3, H, W) is
 channels_last without a copy.
@@ -35,13 +41,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import warnings
+from collections import deque
 
 import numpy as np
 import torch
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderOptions
-from .index import DatasetIndex
+from .index import DatasetIndex, ImageDecodeError
 from .plan import eval_order, train_order
 
 DECODE_DEVICES = ("mixed", "cpu")
@@ -196,14 +204,25 @@ def eval_pipeline(options: LoaderOptions, decode_device: str, files: list[str]):
 
 
 class _EpochBatches:
-    """The processing pipeline's source: the current epoch's reader batches, then StopIteration."""
+    """The processing pipeline's source: the current epoch's reader batches, then StopIteration.
+
+    Samples in ``bad`` (sample indices that cannot be decoded, ``on_bad_image="skip"``) are dropped from the
+    batches handed on; ``recent`` keeps the sample indices of the last batches handed on (the failed batch
+    is among them when the processing pipeline stops on a decode error).
+    """
 
     def __init__(self):
         self.reader = None
         self.remaining = 0
+        self.bad: set[int] = set()
+        self.recent: deque = deque(maxlen=8)
 
-    def start(self, reader, num_batches: int) -> None:
-        self.reader, self.remaining = reader, num_batches
+    def start(self, reader, num_batches: int, discard: int = 0) -> None:
+        """Feed ``num_batches`` batches of ``reader``, the first ``discard`` of them read and dropped."""
+        for _ in range(discard):
+            reader.run()
+        self.reader, self.remaining = reader, num_batches - discard
+        self.recent.clear()
 
     def __call__(self):
         if self.remaining <= 0:
@@ -211,7 +230,65 @@ class _EpochBatches:
             raise StopIteration
         self.remaining -= 1
         encoded, indices = self.reader.run()
+        ids = indices.as_array().reshape(-1)
+        self.recent.append(ids.tolist())
+        if self.bad and not self.bad.isdisjoint(ids.tolist()):
+            keep = [k for k, i in enumerate(ids.tolist()) if i not in self.bad]
+            encoded = [np.array(encoded[k]) for k in keep]
+            indices = [np.array(indices[k]) for k in keep]
         return encoded, indices
+
+
+def _is_decode_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return "decod" in text and ("Failed to decode" in text or "decoders." in text)
+
+
+def undecodable(paths: list[str], decode_device: str, device_id: int | None = None) -> dict[str, str]:
+    """The files among ``paths`` that DALI's image decoder (``decode_device``) cannot decode -> reason.
+
+    Each file is decoded on its own by a small synchronous pipeline; after a failure the pipeline is rebuilt
+    for the files after it. Used only after a decode error, on the few batches in flight.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    from .decode import decode_rgb8
+    from .images import BadImage
+
+    bad: dict[str, str] = {}
+    remaining = list(dict.fromkeys(paths))
+    while remaining:
+        @pipeline_def
+        def graph(files=tuple(remaining)):
+            encoded, _ = fn.readers.file(files=list(files), labels=list(range(len(files))))
+            return fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
+
+        pipe = graph(batch_size=1, num_threads=1, device_id=device_id, exec_pipelined=False, exec_async=False,
+                     prefetch_queue_depth=1)
+        pipe.build()
+        failed = None
+        for k in range(len(remaining)):
+            try:
+                pipe.run()
+            except RuntimeError as exc:
+                named = re.search(r"Failed to decode sample #\d+ : (.+)", str(exc))
+                failed = k
+                if named and named.group(1).strip() in remaining:
+                    failed = remaining.index(named.group(1).strip())
+                break
+        if failed is None:
+            break
+        path = remaining[failed]
+        try:
+            decode_rgb8(path)
+            reason = "cannot be decoded by DALI"
+        except BadImage as exc:
+            reason = exc.detail
+        bad[path] = reason
+        remaining = remaining[failed + 1 :]
+    return bad
 
 
 class DaliLoader(Loader):
@@ -229,6 +306,7 @@ class DaliLoader(Loader):
         self._pipe = self._iterator = None
         self._in_epoch = False
         self._feed = _EpochBatches()
+        self._eval_skipped: set[int] = set()
         if not options.train:
             order = eval_order(len(index), options.num_shards)
             self._eval_files = [index.paths[max(int(i), 0)] for i in order]
@@ -252,20 +330,26 @@ class DaliLoader(Loader):
             **kwargs,
         )
 
-    def _start_train(self, epoch: int) -> None:
+    def _start_train(self, epoch: int, done: int = 0, rebuild: bool = False) -> None:
+        """Start the epoch's reader after ``done`` batches; ``rebuild``: a restart after a decode error, which
+        also rebuilds the processing pipeline (with a seed of its own)."""
         o = self.options
         order = train_order(len(self.index), o.num_shards, o.seed, epoch)
         with _quiet_dali_deprecations():
-            self._feed.start(reader_pipeline(o, [self.index.paths[i] for i in order], order.tolist()), len(self))
-            if self._iterator is None:
-                seed = int(np.random.SeedSequence([o.seed, o.shard_id]).generate_state(1)[0] & 0x7FFFFFFF)
+            self._feed.start(reader_pipeline(o, [self.index.paths[i] for i in order], order.tolist()), len(self),
+                             discard=done)
+            if self._iterator is None or rebuild:
+                self._iterator = self._pipe = None
+                key = [o.seed, o.shard_id] + ([epoch, done, len(self._feed.bad)] if rebuild else [])
+                seed = int(np.random.SeedSequence(key).generate_state(1)[0] & 0x7FFFFFFF)
                 self._pipe = train_pipeline(o, self.decode_device, self._feed, seed)
                 self._iterator = self._make_iterator(self._pipe, "drop")
             else:
                 self._iterator.reset()
 
-    def _start_eval(self) -> None:
-        if self._iterator is not None and not self._in_epoch:
+    def _start_eval(self, done: int = 0, rebuild: bool = False) -> None:
+        """Start an evaluation pass after ``done`` batches (``rebuild``: a restart after a decode error)."""
+        if self._iterator is not None and not self._in_epoch and not rebuild:
             self._iterator.reset()
             return
         self.close()
@@ -273,18 +357,73 @@ class DaliLoader(Loader):
         self._iterator = self._make_iterator(self._pipe, "partial")
         if len(self._iterator) != len(self):
             raise RuntimeError(f"DALI iterator has {len(self._iterator)} batches, the plan {len(self)}")
+        for _ in range(done):
+            next(self._iterator)
+
+    def _in_flight(self, done: int) -> list[tuple[int, str]]:
+        """``(position or sample index, path)`` of the batches that may hold the one DALI failed on."""
+        o = self.options
+        if o.train:
+            return [(i, self.index.paths[i]) for batch in self._feed.recent for i in batch]
+        per_shard = len(self._eval_files) // o.num_shards
+        lo = o.shard_id * per_shard + done * o.batch_size
+        hi = min(lo + 4 * o.batch_size, (o.shard_id + 1) * per_shard)
+        return [(p, self._eval_files[p]) for p in range(lo, hi)]
+
+    def _recover(self, exc: RuntimeError, done: int) -> None:
+        """After a DALI decode error at batch ``done``: find the file(s), then raise or mark them to leave out
+        (the caller restarts the pipelines)."""
+        in_flight = self._in_flight(done)
+        with _quiet_dali_deprecations():
+            bad = undecodable([path for _, path in in_flight], self.decode_device,
+                              _device_id(self.options, self.decode_device))
+        if not bad:
+            raise exc
+        if self.options.on_bad_image == "error":
+            path, reason = next(iter(bad.items()))
+            raise ImageDecodeError(path, reason) from None
+        if self.options.train:
+            for i, path in in_flight:
+                if path in bad:
+                    self.bad_image(i, path, bad[path])
+                    self._feed.bad.add(i)
+            return
+        good = next(path for _, path in in_flight if path not in bad) if len(bad) < len(in_flight) else None
+        for p, path in enumerate(self._eval_files):
+            if path in bad:
+                sample = int(self._position_ids[p])
+                if sample >= 0:
+                    self.bad_image(sample, path, bad[path])
+                    self._eval_skipped.add(sample)
+                self._eval_files[p] = good or next(q for q in self.index.paths if q not in bad)
+                self._position_ids[p] = -1
 
     def __iter__(self):
         o = self.options
         epoch = self._take_epoch()
         if self._in_epoch:  # the previous loop was left early: its pipelines hold a half-read epoch
             self.close()
-        if o.train:
-            self._start_train(epoch)
-        else:
-            self._start_eval()
-        self._in_epoch = True
-        for batch in self._iterator:
+        self.skipped_ids = set() if o.train else set(self._eval_skipped)  # earlier passes' stand-ins stay padding
+        done, start, rebuild = 0, True, False
+        while True:
+            try:
+                if start:  # (the DALI iterator runs the first batch when it is built)
+                    if o.train:
+                        self._start_train(epoch, done, rebuild)
+                    else:
+                        self._start_eval(done, rebuild)
+                    self._in_epoch, start = True, False
+                batch = next(self._iterator)
+            except StopIteration:
+                break
+            except RuntimeError as exc:
+                if not _is_decode_error(exc):
+                    raise
+                self._in_epoch = True
+                self._recover(exc, done)
+                start = rebuild = True
+                continue
+            done += 1
             images = batch[0]["images"]
             positions = batch[0]["positions"].view(-1).to(o.device, non_blocking=True).long()
             ids = positions if o.train else self._position_ids[positions]

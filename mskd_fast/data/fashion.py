@@ -246,4 +246,5 @@ def ensure_fashion_multi(config: FashionMultiConfig) -> str:
             write_voc_split(out_dir, split, _split_images(config, split, items, labels), FASHION_CLASSES,
                             "fashion-multi")
 
-    return ensure_generated(fashion_multi_dir(config, source_id), config.meta(source_id), generate)
+    return ensure_generated(fashion_multi_dir(config, source_id), config.meta(source_id), generate,
+                            what="fashion-multi dataset")

@@ -88,20 +88,25 @@ def _check_meta(root: str, meta: dict, meta_file: str) -> None:
         )
 
 
-def ensure_generated(root: str, meta: dict, generate: Callable[[str], None], meta_file: str = META_FILE) -> str:
+def ensure_generated(root: str, meta: dict, generate: Callable[[str], None], meta_file: str = META_FILE,
+                     what: str = "generated dataset") -> str:
     """Return ``root``, first running ``generate(tmp_folder)`` and renaming it into place if it is missing.
 
     ``meta`` (JSON-serialisable: everything the images depend on) is written into the folder as
     ``meta_file`` and compared on reuse (a mismatch is a :class:`DatasetError` naming the folder). The
     folder appears complete or not at all; concurrent generators (e.g. DDP ranks) are safe, the first
-    rename wins.
+    rename wins. A cache folder that cannot be written (read-only, a file in the way, a full disk) is a
+    :class:`DatasetError` naming it and ``--synthetic-cache`` (``what`` names the dataset in the message).
     """
     if os.path.isdir(root):
         _check_meta(root, meta, meta_file)
         return root
     parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(root)}-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(root)}-", dir=parent)
+    except OSError as exc:
+        raise DatasetError(_unwritable_cache(what, parent, exc)) from None
     os.chmod(tmp, 0o755)
     try:
         generate(tmp)
@@ -112,8 +117,17 @@ def ensure_generated(root: str, meta: dict, generate: Callable[[str], None], met
         except OSError:
             if not os.path.isdir(root):
                 raise
+    except OSError as exc:  # a full or failing cache disk
+        raise DatasetError(_unwritable_cache(what, parent, exc)) from None
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     _check_meta(root, meta, meta_file)
     return root
+
+
+def _unwritable_cache(what: str, parent: str, exc: OSError) -> str:
+    reason = "exists and is not a folder" if isinstance(exc, (FileExistsError, NotADirectoryError)) else (
+        exc.strerror or str(exc))
+    return (f"{what} cache {parent}: cannot write the dataset there ({reason}: {exc.filename or parent}); pass "
+            "--synthetic-cache DIR (or set MSKD_FAST_CACHE) to a writable folder")

@@ -12,7 +12,12 @@ and the last few KiB (end-of-image marker) of each file:
 * PNG: the 8-byte signature, an ``IHDR`` first chunk with a positive size, an ``IEND`` chunk at
   the end.
 
-Other formats are reported as unsupported: both loaders decode JPEG and PNG only.
+The size is the size of the image as displayed: an EXIF orientation of 5-8 (a JPEG's APP1 segment, a
+PNG's ``eXIf`` chunk) swaps width and height, as the loaders apply the orientation when decoding
+(:mod:`mskd_fast.data.decode`, DALI).
+
+Other formats (TIFF, BMP, GIF, WebP, ...) are reported as unsupported, naming the format: both loaders
+decode JPEG and PNG only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ _JPEG_TAIL_BYTES = 4096
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # Markers that stand alone (no length field): TEM, RST0..RST7, SOI.
 _STANDALONE_MARKERS = frozenset([0x01, 0xD8, *range(0xD0, 0xD8)])
+_OTHER_FORMATS = ((b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"GIF8", "GIF"),
+                  (b"RIFF", "RIFF (WebP?)"), (b"\x00\x00\x00\x0cjP", "JPEG 2000"))
+_EXIF_ORIENTATION_TAG = 0x0112
 
 
 class BadImage(Exception):
@@ -64,12 +72,39 @@ def image_size(path: str) -> tuple[int, int]:
         raise BadImage(path, "bad_image", f"cannot be read ({exc.strerror or exc})") from None
     if not head:
         raise BadImage(path, "bad_image", "empty file")
+    for signature, name in _OTHER_FORMATS:
+        if head.startswith(signature):
+            raise BadImage(path, "bad_image", f"not a JPEG or PNG file but a {name} file (only JPEG and PNG are "
+                                              "supported: convert it, e.g. to an 8-bit PNG)")
     raise BadImage(path, "bad_image", "not a JPEG or PNG file (unknown signature)")
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """The orientation (1-8) recorded in an EXIF block (the TIFF structure after ``Exif\\0\\0``); 1 if none."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for k in range(count):
+            tag, kind, _, value = struct.unpack_from(order + "HHI4s", tiff, ifd + 2 + 12 * k)
+            if tag == _EXIF_ORIENTATION_TAG and kind == 3:  # SHORT, stored in the first 2 value bytes
+                (orientation,) = struct.unpack_from(order + "H", value, 0)
+                return orientation if 1 <= orientation <= 8 else 1
+    except struct.error:
+        return 1
+    return 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation >= 5 else size
 
 
 def _jpeg_size(path: str, f) -> tuple[int, int]:
     f.seek(2)
     size = None
+    orientation = 1
     while size is None:
         byte = f.read(1)
         if not byte:
@@ -102,13 +137,17 @@ def _jpeg_size(path: str, f) -> tuple[int, int]:
             if width == 0 or height == 0:
                 raise BadImage(path, "bad_image", f"JPEG frame header gives size {width}x{height}")
             size = (width, height)
+        elif code == 0xE1 and orientation == 1:  # APP1: EXIF (comes before the frame header)
+            segment = f.read(length - 2)
+            if segment.startswith(b"Exif\x00\x00"):
+                orientation = exif_orientation(segment[6:])
         else:
             f.seek(length - 2, os.SEEK_CUR)
     file_size = os.fstat(f.fileno()).st_size
     f.seek(max(0, file_size - _JPEG_TAIL_BYTES))
     if b"\xff\xd9" not in f.read(_JPEG_TAIL_BYTES):
         raise BadImage(path, "bad_image", "JPEG has no end-of-image marker in its last 4 KiB (truncated)")
-    return size
+    return _oriented(size, orientation)
 
 
 def _png_size(path: str, f) -> tuple[int, int]:
@@ -122,7 +161,22 @@ def _png_size(path: str, f) -> tuple[int, int]:
     f.seek(max(0, file_size - 12))
     if b"IEND" not in f.read(12):
         raise BadImage(path, "bad_image", "PNG has no IEND chunk at its end (truncated)")
-    return width, height
+    return _oriented((width, height), _png_orientation(f))
+
+
+def _png_orientation(f) -> int:
+    """EXIF orientation from an ``eXIf`` chunk before the image data (chunk headers only are read)."""
+    f.seek(8 + 25)  # signature + IHDR chunk
+    while True:
+        head = f.read(8)
+        if len(head) < 8:
+            return 1
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"IDAT", b"IEND"):
+            return 1
+        if kind == b"eXIf":
+            return exif_orientation(f.read(length))
+        f.seek(length + 4, os.SEEK_CUR)
 
 
 def scan_images(paths: list[str], threads: int = 8) -> tuple[list[tuple[int, int] | None], list[BadImage]]:

@@ -1,13 +1,16 @@
 """The dataset index shared by every reader and loader, and the checks every reader runs.
 
 A reader collects image paths, a multi-hot label matrix and (where the format has them) boxes,
-then calls :func:`finalize_index`, which applies the two uniform rules:
+then calls :func:`finalize_index`, which applies the uniform rules:
 
 1. images whose label set is empty are dropped and counted under ``skipped["no_labels"]``;
 2. every remaining image is header-checked (:mod:`mskd_fast.data.images`); missing or undecodable
    files raise :class:`DatasetError` listing the first paths and the count, or, with
    ``on_bad_image="skip"``, are dropped and counted under ``skipped["missing_image"]`` /
-   ``skipped["bad_image"]``.
+   ``skipped["bad_image"]``;
+3. every box must lie inside its image as the file gives it (the header's size, EXIF orientation
+   applied), not only inside the size an annotation claims: up to ``BOX_TOLERANCE_PX`` outside is
+   float rounding and is clipped, more is a :class:`DatasetError` listing the boxes.
 """
 
 from __future__ import annotations
@@ -19,11 +22,25 @@ import numpy as np
 from .images import scan_images
 
 ON_BAD_IMAGE = ("error", "skip")
+BOX_TOLERANCE_PX = 1.0
 _LIST_FIRST = 5
 
 
 class DatasetError(ValueError):
     """A dataset on disk does not match its documented layout (missing/corrupt files, unknown classes)."""
+
+
+class ImageDecodeError(DatasetError):
+    """An image that passed the start check (its header) could not be decoded when a loader met it.
+
+    Raised by the loaders with ``on_bad_image="error"``; ``path`` and ``detail`` say which file and why.
+    """
+
+    def __init__(self, path: str, detail: str):
+        super().__init__(f"{path}: {detail} (the file passed the header check at start but cannot be decoded; fix "
+                         "or remove it, or pass --on-bad-image skip to leave it out)")
+        self.path = path
+        self.detail = detail
 
 
 @dataclass
@@ -108,6 +125,23 @@ class DatasetIndex:
         return line
 
 
+def read_text(path: str) -> str:
+    """The content of the text file ``path``, decoded as UTF-8 with or without a byte-order mark.
+
+    Spreadsheet programs save "CSV UTF-8" with a BOM (``EF BB BF``); read as plain UTF-8 it would stick to
+    the first field (a header ``\ufeffpath`` read as a data row, a first image id that does not exist).
+    Raises :class:`DatasetError` naming the file when it is not UTF-8 (e.g. UTF-16 "Unicode text").
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        hint = " (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise DatasetError(f"{path}: not UTF-8 text{hint}: {exc.reason} at byte {exc.start}; save it as UTF-8 "
+                           "(e.g. \"CSV UTF-8\")") from None
+
+
 def check_on_bad_image(on_bad_image: str) -> None:
     if on_bad_image not in ON_BAD_IMAGE:
         raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
@@ -159,5 +193,36 @@ def finalize_index(index: DatasetIndex, *, on_bad_image: str) -> DatasetIndex:
     index.image_sizes = np.asarray(sizes, dtype=np.int64).reshape(len(sizes), 2)
     if len(index) == 0:
         raise DatasetError(f"{where}: no usable images (skipped: {index.skipped})")
+    outside = boxes_outside_images(index)
+    if outside:
+        raise_listing(f"{where}: boxes outside their image (image sizes read from the image files)", outside,
+                      "Fix the annotations (coordinates, or the image they belong to); sizes recorded in an "
+                      "annotation are not used for this check. Boxes refer to the image as displayed (EXIF "
+                      "orientation applied).")
     index.check()
     return index
+
+
+def boxes_outside_images(index: DatasetIndex, tolerance: float = BOX_TOLERANCE_PX) -> list[str]:
+    """Check every box against its image's real ``(width, height)``; returns one line per box outside.
+
+    A box ``(x1, y1, x2, y2)`` (x2/y2 exclusive) is inside when ``x1, y1 >= 0``, ``x2 <= width`` and
+    ``y2 <= height``; boxes at most ``tolerance`` pixels outside are clipped in place (float rounding of
+    ``x + w`` in COCO files), the others are reported with the image path, the box and the image size.
+    """
+    if index.boxes is None or index.image_sizes is None:
+        return []
+    problems = []
+    for k, (boxes, classes) in enumerate(zip(index.boxes, index.box_classes)):
+        if not len(boxes):
+            continue
+        width, height = (float(v) for v in index.image_sizes[k])
+        below = boxes[:, :2] < -tolerance
+        above = boxes[:, 2:] > np.array([width, height], dtype=np.float32) + tolerance
+        for j in np.flatnonzero(below.any(axis=1) | above.any(axis=1)):
+            x1, y1, x2, y2 = (float(v) for v in boxes[j])
+            problems.append(f"{index.paths[k]}: box {j} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) of class "
+                            f"{index.class_names[int(classes[j])]!r} lies outside the {width:g}x{height:g} image")
+        boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0.0, width)
+        boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0.0, height)
+    return problems

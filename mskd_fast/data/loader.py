@@ -58,6 +58,7 @@ def build_loader(
     randaugment_magnitude: int = 9,
     crop_scale: tuple[float, float] = (0.7, 1.0),
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    on_bad_image: str = "error",
 ) -> Loader:
     """A loader over ``index`` yielding ``(images, targets, sample_ids)`` batches.
 
@@ -72,6 +73,10 @@ def build_loader(
     over the ``num_shards`` shards, padding rows have id ``-1`` and zero targets. ``len(loader)`` is
     the number of batches per epoch (equal on all shards); ``loader.set_epoch(e)`` sets the epoch of
     the next iteration. ``num_workers`` is DataLoader workers (torch) or CPU threads (DALI).
+
+    ``on_bad_image``: what happens to an image that passed the start check but cannot be decoded when it
+    is met: ``"error"`` raises :class:`mskd_fast.data.index.ImageDecodeError` naming the file, ``"skip"``
+    leaves the sample out (see :mod:`mskd_fast.data.base`).
     """
     device = torch.device(device)
     options = LoaderOptions(
@@ -90,6 +95,7 @@ def build_loader(
         randaugment_magnitude=randaugment_magnitude,
         crop_scale=tuple(crop_scale),
         crop_ratio=tuple(crop_ratio),
+        on_bad_image=on_bad_image,
     )
     backend = resolve_backend(loader, device)
     if backend == "torch":

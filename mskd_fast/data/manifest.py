@@ -19,10 +19,11 @@ twice in one split is an error.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 EXTENSIONS = (".csv", ".jsonl", ".json")
 
@@ -55,7 +56,7 @@ def _split_names(value, where: str) -> list[str]:
 def read_rows(path: str) -> list[tuple[str, list[str], str]]:
     """Rows of a manifest file as ``(image path as written, class names, "file:line")``."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         if path.endswith(".csv"):
             for line_no, row in enumerate(csv.reader(f), 1):
                 where = f"{path}:{line_no}"
@@ -85,8 +86,7 @@ def read_class_list(path: str) -> list[str]:
     """Class names from a file with one name per line (blank lines ignored; duplicates are an error)."""
     if not os.path.isfile(path):
         raise DatasetError(f"manifest class-list file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
+    names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if not names:
         raise DatasetError(f"manifest class-list file {path} is empty")
     dupes = sorted({n for n in names if names.count(n) > 1})

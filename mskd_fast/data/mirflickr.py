@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 _IMAGE_RE = re.compile(r"^im(\d+)\.jpg$")
 _ANN_DIRS = ("annotations", "mirflickr25k_annotations_v080")
@@ -50,15 +50,14 @@ def _read_concepts(ann_dir: str) -> dict[str, list[int]]:
     for name in files:
         path = os.path.join(ann_dir, name)
         numbers = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                text = line.strip()
-                if not text:
-                    continue
-                if not text.isdigit() or int(text) == 0:
-                    problems.append(f"{path}:{line_no}: expected a positive image number, got {text!r}")
-                    continue
-                numbers.append(int(text))
+        for line_no, line in enumerate(read_text(path).splitlines(), 1):
+            text = line.strip()
+            if not text:
+                continue
+            if not text.isdigit() or int(text) == 0:
+                problems.append(f"{path}:{line_no}: expected a positive image number, got {text!r}")
+                continue
+            numbers.append(int(text))
         concepts[name[:-4]] = numbers
     if problems:
         raise_listing(f"{ann_dir}: malformed annotation lines", problems)

@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from .index import DatasetError, DatasetIndex, finalize_index, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, raise_listing, read_text
 
 SPLITS = {"train": "Train", "test": "Test"}
 _LABEL_RE = re.compile(r"^Labels_(.+)_(Train|Test)\.txt$")
@@ -32,8 +32,7 @@ def _concepts(data_dir: str, label_dir: str) -> list[str]:
     from_files = sorted({m.group(1) for f in os.listdir(label_dir) if (m := _LABEL_RE.match(f))})
     for path in (os.path.join(data_dir, "Concepts81.txt"), os.path.join(data_dir, "ConceptsList", "Concepts81.txt")):
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                names = [line.strip() for line in f if line.strip()]
+            names = [line.strip() for line in read_text(path).splitlines() if line.strip()]
             if len(set(names)) != len(names):
                 raise DatasetError(f"{path} lists some concepts more than once")
             return names
@@ -45,8 +44,7 @@ def _concepts(data_dir: str, label_dir: str) -> list[str]:
 def _read_lines(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise DatasetError(f"NUS-WIDE file missing: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def read_nuswide(data_dir: str, split: str, *, on_bad_image: str = "error") -> DatasetIndex:

@@ -267,4 +267,4 @@ def ensure_synthetic(config: SyntheticConfig) -> str:
     exists is complete; concurrent generators (e.g. DDP ranks) are safe, the first rename wins.
     """
     return ensure_generated(synthetic_dir(config), config.meta(), lambda tmp: generate_synthetic(config, tmp),
-                            META_FILE)
+                            META_FILE, what="synthetic dataset")

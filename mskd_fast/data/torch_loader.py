@@ -1,4 +1,7 @@
-"""Torch fallback loader: ``torchvision.io.decode_image`` + ``transforms.v2`` in a multi-worker DataLoader.
+"""Torch fallback loader: :func:`mskd_fast.data.decode.decode_rgb8` + ``transforms.v2`` in a multi-worker DataLoader.
+
+Every image is decoded to 8-bit RGB with its EXIF orientation applied, whatever its bit depth (16-bit PNGs
+are scaled as DALI scales them), so both loaders see the same pixels.
 
 Training transform (per image, uint8 CHW): ``RandomResizedCrop(img_size, scale=crop_scale,
 ratio=crop_ratio)``, ``RandomHorizontalFlip``, ``RandAugment(num_ops, magnitude, fill=128)``.
@@ -20,17 +23,17 @@ runs under ``torch.random.fork_rng``, so the caller's global RNG is untouched.
 
 from __future__ import annotations
 
-import warnings
+import signal
 
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import DataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from .base import IMAGENET_MEAN, IMAGENET_STD, Loader, LoaderOptions
-from .index import DatasetIndex
+from .decode import decode_rgb8
+from .images import BadImage
+from .index import DatasetIndex, ImageDecodeError
 from .plan import eval_shard, train_shard
 from .resize import resize_image
 
@@ -65,7 +68,12 @@ class EvalResize:
 
 
 class _ImageFiles(Dataset):
-    """Decodes ``paths[i]`` for an item ``(i, sample_id)`` and returns ``(image, sample_id)``."""
+    """Decodes ``paths[i]`` for an item ``(i, sample_id, seed)``; returns ``(image, sample_id, failure)``.
+
+    A file that cannot be decoded does not raise here (in a worker process the exception would reach the
+    main process as a bare text): it gives a grey stand-in image and ``failure = "PATH\tREASON"`` (else
+    ``""``), and the loader decides in the main process (``on_bad_image``).
+    """
 
     def __init__(self, paths: list[str], transform):
         self.paths = paths
@@ -77,17 +85,13 @@ class _ImageFiles(Dataset):
     def __getitem__(self, item: tuple[int, int, int]):
         i, sample_id, aug_seed = item
         path = self.paths[i]
+        failure = ""
         try:
-            with warnings.catch_warnings():
-                # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; they still work.
-                warnings.filterwarnings(
-                    "ignore", message=".*decoding and encoding capabilities", category=DeprecationWarning
-                )
-                image = decode_image(torchvision.io.read_file(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as exc:
-            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+            image = decode_rgb8(path)
+        except BadImage as exc:
+            image, failure = torch.full((3, 8, 8), 128, dtype=torch.uint8), f"{path}\t{exc.detail}"
         torch.manual_seed(aug_seed)
-        return self.transform(image), sample_id
+        return self.transform(image), sample_id, failure
 
 
 class _PlanBatches:
@@ -116,7 +120,17 @@ class _PlanBatches:
 
 
 def _worker_init(_worker_id: int) -> None:
+    """One intra-op thread per worker; stop signals are left to the main process.
+
+    Ctrl-C in a terminal, or ``torchrun`` forwarding it, signals the whole process group, workers included.
+    A worker that died of it would end the main process's next fetch with an error at a step that differs
+    between DDP ranks; ignoring the signal here lets the trainer stop where it decides (after the step, or
+    at the log interval all ranks agree on). Workers still end with the main process (the DataLoader's
+    watchdog) and on its shutdown.
+    """
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TorchLoader(Loader):
@@ -156,16 +170,36 @@ class TorchLoader(Loader):
         self._batches.plan = plan
         self._batches.seeds = np.random.default_rng([o.seed, epoch, o.shard_id, 0xA06]).integers(0, 2**62, len(plan))
         batches = iter(self._dataloader)
+        self.skipped_ids = set()
         for _ in range(len(self)):
             if o.num_workers == 0:
                 with torch.random.fork_rng(devices=[]):
-                    images, ids = next(batches)
+                    images, ids, failures = next(batches)
             else:
-                images, ids = next(batches)
+                images, ids, failures = next(batches)
+            if any(failures):
+                images, ids = self._leave_out(images, ids, failures)
             ids = ids.to(o.device, non_blocking=True)
             if not self._normalize_in_workers:
                 images = images.to(o.device, non_blocking=True).float().sub_(self._mean).mul_(self._inv_std)
             yield self.finish_images(images), self.targets_for(ids), ids
+
+    def _leave_out(self, images: torch.Tensor, ids: torch.Tensor, failures: list[str]):
+        """Rows whose image could not be decoded: raise, or drop them (training) / make them padding (eval)."""
+        bad = [k for k, failure in enumerate(failures) if failure and int(ids[k]) >= 0]  # padding rows: no sample
+        for k in bad:
+            path, _, detail = failures[k].partition("\t")
+            self.bad_image(int(ids[k]), path, detail)
+        if not self.options.train:
+            ids = ids.clone()
+            ids[bad] = -1
+            return images, ids
+        keep = torch.ones(len(ids), dtype=torch.bool)
+        keep[[k for k, failure in enumerate(failures) if failure]] = False
+        if not keep.any():
+            raise ImageDecodeError(failures[0].partition("\t")[0], "every image of this training batch failed to "
+                                   "decode (--on-bad-image skip cannot leave a batch empty)")
+        return images[keep], ids[keep]
 
     def close(self) -> None:
         """Shut the worker processes down now (they are also shut down when the loader is deleted)."""

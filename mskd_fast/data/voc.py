@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing
+from .index import DatasetError, DatasetIndex, finalize_index, labels_from_sets, raise_listing, read_text
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -51,13 +51,29 @@ def read_split_ids(root: str, split: str) -> list[str]:
     if not os.path.isfile(path):
         available = sorted(f[:-4] for f in os.listdir(main) if f.endswith(".txt") and "_" not in f)
         raise DatasetError(f"split {split!r} not found: {path} is missing (split files present: {available})")
-    with open(path, encoding="utf-8") as f:
-        ids = [line.split()[0] for line in f if line.strip()]
+    ids = [line.split()[0] for line in read_text(path).splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"split file {path} lists no images")
     if len(set(ids)) != len(ids):
         raise DatasetError(f"split file {path} lists some image ids more than once")
     return ids
+
+
+def _number(parent, tag: str, where: str, problems: list[str]) -> float | None:
+    """``float`` of ``parent``'s ``<tag>`` text, or ``None`` and a problem naming the field (absent, not a number)."""
+    text = parent.findtext(tag)
+    if text is None or not text.strip():
+        problems.append(f"{where}<{tag}> is missing")
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(f"{where}<{tag}> is {text.strip()!r}, expected a number")
+        return None
+    if value != value or value in (float("inf"), float("-inf")):
+        problems.append(f"{where}<{tag}> is {text.strip()!r}, expected a finite number")
+        return None
+    return value
 
 
 def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, problems: list[str]):
@@ -73,7 +89,10 @@ def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, p
     size = root.find("size")
     width = height = None
     if size is not None and size.findtext("width") and size.findtext("height"):
-        width, height = float(size.findtext("width")), float(size.findtext("height"))
+        width = _number(size, "width", f"{path}: <size>", problems)
+        height = _number(size, "height", f"{path}: <size>", problems)
+        if width is None or height is None:
+            width = height = None
     boxes, classes = [], []
     for obj in root.iter("object"):
         name = (obj.findtext("name") or "").strip()
@@ -83,11 +102,14 @@ def _parse_annotation(path: str, class_to_idx: dict[str, int], difficult: str, p
         if difficult == "ignore" and (obj.findtext("difficult") or "0").strip() == "1":
             continue
         bnd = obj.find("bndbox")
-        try:
-            xmin, ymin, xmax, ymax = (float(bnd.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except (AttributeError, TypeError, ValueError):
-            problems.append(f"{path}: object {name!r} has no valid bndbox")
+        if bnd is None:
+            problems.append(f"{path}: object {name!r} has no <bndbox>")
             continue
+        where = f"{path}: object {name!r} <bndbox>"
+        values = [_number(bnd, k, where, problems) for k in ("xmin", "ymin", "xmax", "ymax")]
+        if any(v is None for v in values):
+            continue
+        xmin, ymin, xmax, ymax = values
         x1, y1, x2, y2 = xmin - 1.0, ymin - 1.0, xmax, ymax
         if not (x2 > x1 and y2 > y1 and x1 >= 0 and y1 >= 0):
             problems.append(f"{path}: object {name!r} has an empty or negative box {(xmin, ymin, xmax, ymax)}")
