@@ -1,6 +1,7 @@
 """mskd-fast: fast, exact Multi-label Self Knowledge Distillation (MSKD, AAAI 2025) for PyTorch.
 
-Public entry points: :mod:`mskd_fast.ops` (functional ops and losses), :mod:`mskd_fast.losses`
+Public entry points: :class:`MSKD` (MSKD for any training loop, :mod:`mskd_fast.mskd`), :mod:`mskd_fast.ops`
+(functional ops and losses), :mod:`mskd_fast.losses`
 (``MBDLoss``, ``RelationLoss``, ``MSKDLoss``), :mod:`mskd_fast.reference` (the pure-PyTorch
 oracle), :mod:`mskd_fast.metrics`, :mod:`mskd_fast.data`, ``python -m mskd_fast.train``.
 """
@@ -11,5 +12,6 @@ __version__ = "0.1.0"
 
 from . import losses, ops, reference  # noqa: E402
 from ._info import info  # noqa: E402
+from .mskd import MSKD  # noqa: E402
 
-__all__ = ["ops", "losses", "reference", "info", "__version__"]
+__all__ = ["MSKD", "ops", "losses", "reference", "info", "__version__"]

@@ -1,8 +1,8 @@
 """What a training checkpoint holds, and how a run comes back from one (``--resume PATH``).
 
 :func:`checkpoint_state` builds the checkpoint dict of a :class:`mskd_fast.train.Trainer` (a collective
-under DDP: every rank's RNG states and S-SD logits are gathered to rank 0); :func:`restore_state` is its
-inverse. :func:`merge_resume_args` decides which flags a resume may change:
+under DDP: every rank's RNG states and the method's per-process state are gathered to rank 0);
+:func:`restore_state` is its inverse. :func:`merge_resume_args` decides which flags a resume may change:
 
 * ``RESUME_OVERRIDABLE``: how the run is executed (epochs, intervals, loader, device, paths): taken from
   the command line when given;
@@ -18,22 +18,18 @@ A resume resets the non-finite *streak* (the run stopped because of it; the rest
 from __future__ import annotations
 
 import argparse
-import math
-
-import torch
 
 from mskd_fast.checkpoint import FORMAT, capture_rng, restore_rng
 from mskd_fast.distributed import all_gather_objects
+from mskd_fast.epoch_stats import EpochStats
 
 __all__ = [
     "RESUME_ADJUSTABLE",
     "RESUME_OVERRIDABLE",
     "apply_lr",
     "checkpoint_state",
-    "fingerprint",
     "merge_resume_args",
     "restore_state",
-    "same_batch",
 ]
 
 RESUME_OVERRIDABLE = {
@@ -45,20 +41,6 @@ RESUME_ADJUSTABLE = {"lr", "clip_grad"}
 
 class ResumeError(ValueError):
     """A checkpoint that cannot continue with these flags/data."""
-
-
-def fingerprint(images: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Identity of a batch: its sample ids and two float64 pixel sums (host sync; used at checkpoints only)."""
-    x = images.detach().double()
-    return {"sample_ids": ids.detach().cpu().clone(), "sum": float(x.sum()), "abs_sum": float(x.abs().sum())}
-
-
-def same_batch(fp: dict, images: torch.Tensor, ids: torch.Tensor) -> bool:
-    """Whether ``(images, ids)`` is the batch that :func:`fingerprint` ``fp`` was taken of."""
-    now = fingerprint(images, ids)
-    return (torch.equal(fp["sample_ids"], now["sample_ids"])
-            and math.isclose(fp["sum"], now["sum"], rel_tol=0, abs_tol=1e-6 * max(1.0, fp["abs_sum"]))
-            and math.isclose(fp["abs_sum"], now["abs_sum"], rel_tol=1e-9, abs_tol=1e-6))
 
 
 def merge_resume_args(args: argparse.Namespace, explicit: set[str], blob: dict):
@@ -112,28 +94,21 @@ def apply_lr(optimizer, scheduler, lr: float, backbone_mult: float) -> None:
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def checkpoint_state(trainer, kind: str, next_batch) -> dict | None:
+def checkpoint_state(trainer, kind: str) -> dict | None:
     """Gather per-rank state (collective under DDP) and build the checkpoint dict on rank 0 (else ``None``).
 
-    ``next_batch``: ``(images, targets, ids)`` the run continues with (its fingerprint is stored so that a
-    resume can tell whether the saved S-SD logits belong to it), or ``None`` at the end of training.
+    The method object's shared state (MSKD: its S-SD snapshot and box generator) is rank 0's, in
+    ``step_state["method"]``; its per-process state (``rank_state_dict``) is gathered from every rank.
     """
     from mskd_fast.models import unwrap
 
     t = trainer
     step_state = t.step.state_dict()
-    fp = None if next_batch is None else fingerprint(next_batch[0], next_batch[2])
-    local = {"rng": capture_rng(t.box_generator), "q_prev": step_state["q_prev"], "fp": fp,
-             "method": None if t.step.method is None else t.step.method.rank_state_dict()}
+    local = {"rng": capture_rng(t.box_generator), "method": t.step.method.rank_state_dict()}
     gathered = all_gather_objects(t.ctx, local)
     if not t.ctx.is_main:
         return None
-    step_state["q_prev_per_rank"] = [g["q_prev"] for g in gathered]
-    if t.step.method is not None:  # a method object's per-process state (e.g. DLB's stored half batch)
-        step_state["method_per_rank"] = [g["method"] for g in gathered]
-    look_ahead = gathered[0]["fp"]
-    if t.ctx.distributed and look_ahead is not None:
-        look_ahead = dict(look_ahead, per_rank=[g["fp"] for g in gathered])
+    step_state["method_per_rank"] = [g["method"] for g in gathered]
     a = t.args
     return {
         "format": FORMAT,
@@ -157,7 +132,6 @@ def checkpoint_state(trainer, kind: str, next_batch) -> dict | None:
         "history": t.history,
         "best": t.best,
         "resumes": t.resumes,
-        "look_ahead": look_ahead,
         "world_size": t.ctx.world_size,
     }
 
@@ -168,8 +142,6 @@ def restore_state(trainer, blob: dict) -> list[str]:
     The model weights are loaded by the caller (before the model moves to its device). Returns notes for
     the log. Raises :class:`ResumeError` when the checkpoint has already trained ``--epochs`` epochs.
     """
-    from mskd_fast.train import EpochStats
-
     t, ctx, notes = trainer, trainer.ctx, []
     t.optimizer.load_state_dict(blob["optimizer"])
     t.scheduler.load_state_dict(blob["scheduler"])
@@ -180,7 +152,7 @@ def restore_state(trainer, blob: dict) -> list[str]:
         apply_lr(t.optimizer, t.scheduler, t.args.lr, t.args.lr_backbone_mult)
     if t.scaler is not None and blob.get("scaler") is not None:
         t.scaler.load_state_dict(blob["scaler"])
-    t.step.load_state_dict(blob["step_state"])
+    notes.extend(t.step.load_state_dict(blob["step_state"]))
     t.step.nonfinite_streak.zero_()
     t.step.nonfinite_max_streak.zero_()
     rngs = blob["rng"]
@@ -195,23 +167,13 @@ def restore_state(trainer, blob: dict) -> list[str]:
     t.best = dict(blob["best"])
     t.resumes = list(blob.get("resumes") or [])
     t.run_id = blob.get("run_id") or t.run_id
-    t.look_ahead_fp = blob.get("look_ahead")
-    if t.look_ahead_fp is not None and ctx.world_size > 1:
-        fps = t.look_ahead_fp.get("per_rank")
-        t.look_ahead_fp = fps[ctx.rank] if fps and len(fps) == ctx.world_size else None
-        if t.look_ahead_fp is None:
-            t.step.drop_q_prev()
     method_all = blob["step_state"].get("method_per_rank")
-    if t.step.method is not None and method_all is not None:
+    if method_all is not None:
         if len(method_all) == ctx.world_size:
             t.step.method.load_rank_state_dict(method_all[ctx.rank])
         else:
             notes.append(f"the checkpoint has {t.args.method} state of {len(method_all)} processes, this run has "
                          f"{ctx.world_size}: that per-process state restarts empty (not bit-exact)")
-    q_prev_all = blob["step_state"].get("q_prev_per_rank")
-    if q_prev_all is not None:
-        q = q_prev_all[ctx.rank] if len(q_prev_all) == ctx.world_size else None
-        t.step.q_prev = None if q is None else q.to(t.device)
     acc = blob.get("epoch_acc")
     if acc and t.step_in_epoch > 0:
         t.epoch_stats = EpochStats.from_state(acc, t.device)

@@ -1,20 +1,18 @@
 """``python -m mskd_fast.train``: MSKD (or vanilla BCE) training of a timm backbone; see ``--help``.
 
-Flow: parse and resolve flags (:mod:`mskd_fast.train_args`), validate them, read the checkpoint to resume
-and the dataset indices, choose and check the run folder (:mod:`mskd_fast.run_dir`), build loaders, model
-(+ eval twin as the teacher), loss, fused SGD, per-step LR schedule and the :class:`mskd_fast.step.TrainStep`;
-every one of these can fail with a clear message *before* the first step and before anything is written.
-Then epochs of steps with a look-ahead batch (S-SD, see ``mskd_fast.step``), evaluation (with the collapse
-guard, :mod:`mskd_fast.collapse`), reports and atomic checkpoints (rank 0 only under DDP).
+Flow: parse and resolve flags (:mod:`mskd_fast.train_args`), validate them, read the checkpoint to resume,
+choose and check the run folder (:mod:`mskd_fast.run_dir`) and build the run's parts
+(:func:`mskd_fast.train_build.build_run`: data, model, the method object, optimizer, schedule, the
+:class:`mskd_fast.step.TrainStep`); every one of these can fail with a clear message *before* the first step and
+before anything is written. Then this module's loop: epochs of steps, evaluation (with the collapse guard,
+:mod:`mskd_fast.collapse`), reports and atomic checkpoints (rank 0 only under DDP).
 
 Resume (``--resume PATH``, :mod:`mskd_fast.resume`) restores model, optimizer, scheduler, GradScaler, the
 RNG states of every rank (python, numpy, torch, CUDA, the crop-box generator), epoch/step counters,
-history, and the S-SD look-ahead logits. Mid-epoch checkpoints (Ctrl-C, non-finite stop) continue at the
-next step; the loader replays the epoch's order (a function of ``(seed, epoch)``) and skips the batches
-already trained on. The S-SD logits are only reused if the first batch after resume is the one they were
-computed for (a fingerprint of its sample ids and pixels is stored); otherwise that one step runs without
-S-SD and the trainer says so (this happens with loaders whose augmentation is not a function of
-``(seed, epoch)``). ``--lr`` and ``--clip-grad`` may change at resume (recorded).
+history, and the method's state (MSKD: the S-SD parameter snapshot, :mod:`mskd_fast.snapshot`). Mid-epoch
+checkpoints (Ctrl-C, non-finite stop) continue at the next step; the loader replays the epoch's order (a
+function of ``(seed, epoch)``) and skips the batches already trained on. ``--lr`` and ``--clip-grad`` may change
+at resume (recorded).
 
 Non-finite loss/gradient: the step is skipped on the device (no host sync per step) and counted; epoch
 means average over the steps that counted. The counters are read every ``--log-interval`` steps, and once
@@ -40,7 +38,7 @@ import torch
 
 from mskd_fast.checkpoint import WriteError, atomic_save, load_checkpoint
 from mskd_fast.data.index import ImageDecodeError
-from mskd_fast.diagnostics import diagnostic_keys, opposing_terms
+from mskd_fast.diagnostics import opposing_terms
 from mskd_fast.distributed import (
     DistContext,
     all_gather_objects,
@@ -51,18 +49,16 @@ from mskd_fast.distributed import (
     resolve_device,
     shutdown,
 )
-from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state, same_batch
+from mskd_fast.epoch_stats import EpochStats
+from mskd_fast.resume import RESUME_OVERRIDABLE, checkpoint_state, merge_resume_args, restore_state
 from mskd_fast.train_args import build_parser, explicit_flags, resolve_defaults, validate
-from mskd_fast.train_log import TERMS, say, terms_for
+from mskd_fast.train_build import SetupError, build_run
+from mskd_fast.train_log import say
 
-__all__ = ["main", "Trainer", "Resume", "RESUME_OVERRIDABLE"]
+__all__ = ["main", "EpochStats", "Trainer", "Resume", "RESUME_OVERRIDABLE", "SetupError"]
 
 NONFINITE_LIMIT = 10
 SIGNAL_GRACE_S = 2.0  # a second stop signal sooner than this after the first is taken as the same request
-
-
-class SetupError(ValueError):
-    """A flag, file or dataset problem found before training starts."""
 
 
 @dataclass
@@ -75,80 +71,11 @@ class Resume:
     changes: dict = field(default_factory=dict)
 
 
-@dataclass
-class EpochStats:
-    """Running sums of one epoch (device tensors until read). Loss sums skip non-finite steps."""
-
-    sums: dict = field(default_factory=dict)
-    terms: tuple = TERMS  # the method's loss columns (train_log.terms_for)
-    diag_keys: tuple = ()  # the diagnostics columns (mskd_fast.diagnostics), averaged over the steps that have them
-    steps: int = 0
-    skipped: int = 0  # unused; the device count is ``sums["skipped"]``
-    samples: int = 0
-    train_time: float = 0.0
-
-    def add(self, out: dict) -> None:
-        """Add one step's outputs (``TrainStep.__call__``); no host sync."""
-        keep = out["skipped"] == 0
-        for key in self.terms:  # where() gives a new tensor: no zeros_like and no clone of the first step's value
-            value = torch.where(keep, out["total"] if key == "loss" else out[key], 0.0)
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
-        for key in ("skipped", "clipped"):
-            value = out[key]
-            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
-        for key in self.diag_keys:
-            if key in out:
-                ok = torch.isfinite(out[key])
-                self._accumulate(key, torch.where(ok, out[key], 0.0))
-                self._accumulate(f"n_{key}", ok.to(torch.int64))
-        self.steps += 1
-
-    def _accumulate(self, key: str, value: torch.Tensor) -> None:
-        self.sums[key] = self.sums[key] + value if key in self.sums else value
-
-    def diag_means(self) -> dict[str, float]:
-        """Epoch means of the diagnostics columns (NaN where no step measured them) and ``clip_frac`` (the
-        share of steps with active gradient clipping); one host sync."""
-        device = self.sums["skipped"].device
-        zero = torch.zeros((), device=device)
-        values = [torch.where(self.sums.get(f"n_{k}", zero) > 0,
-                              self.sums.get(k, zero).double() / self.sums.get(f"n_{k}", zero).clamp(min=1),
-                              torch.full((), math.nan, device=device, dtype=torch.float64)) for k in self.diag_keys]
-        values.append(self.sums["clipped"].double() / max(1, self.steps))
-        return dict(zip((*self.diag_keys, "clip_frac"), torch.stack(values).tolist()))
-
-    def means(self) -> torch.Tensor:
-        """Device float64 tensor: the ``terms`` means over the steps that counted (NaN if none), then the skip count."""
-        skipped = self.sums["skipped"].double()
-        counted = self.steps - skipped
-        sums = torch.stack([self.sums[k].double() for k in self.terms])
-        means = torch.where(counted > 0, sums / counted.clamp(min=1), torch.full_like(sums, math.nan))
-        return torch.cat([means, skipped.view(1)])
-
-    def state(self) -> dict:
-        """Plain-data copy for a mid-epoch checkpoint (``epoch_acc``): sums as floats (one host sync)."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "terms": list(self.terms),
-                "diag_keys": list(self.diag_keys), "steps": self.steps,
-                "skipped": self.skipped, "samples": self.samples, "train_time": self.train_time}
-
-    @classmethod
-    def from_state(cls, state: dict, device, terms: tuple = TERMS) -> EpochStats:
-        """Inverse of :meth:`state`: the sums become 0-dim tensors on ``device``."""
-        return cls(sums={k: torch.tensor(v, device=device) for k, v in state["sums"].items()},
-                   terms=tuple(state.get("terms", TERMS)), diag_keys=tuple(state.get("diag_keys", ())),
-                   steps=state["steps"], skipped=state["skipped"], samples=state["samples"],
-                   train_time=state["train_time"])
-
-
 class Trainer:
     """Everything a run needs, built and validated in ``__init__``; ``fit()`` trains."""
 
     def __init__(self, args: argparse.Namespace, ctx: DistContext, notes: list[str], resume: Resume | None):
-        from mskd_fast.data import build_loader, index_from_args, resolve_backend
-        from mskd_fast.losses import MSKDLoss
-        from mskd_fast.models import batch_stat_twin, create_model, eval_twin, load_initial_checkpoint
         from mskd_fast.run_dir import plan_run_folder
-        from mskd_fast.step import StepConfig, TrainStep, build_optimizer, build_scheduler
 
         self.args, self.ctx, self.notes = args, ctx, notes
         self.device = device = ctx.device
@@ -173,93 +100,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        # ---- data
-        self.train_index = index_from_args(args, "train")
-        self.eval_index = index_from_args(args, "eval")
-        if list(self.train_index.class_names) != list(self.eval_index.class_names):
-            raise SetupError("train and eval splits have different class lists")
-        self.num_classes = self.train_index.num_classes
-        if args.num_classes is not None and args.num_classes != self.num_classes:
-            raise SetupError(f"--num-classes {args.num_classes} but dataset {args.dataset} has "
-                             f"{self.num_classes} classes")
-        args.num_classes = self.num_classes
-        if resume_blob is not None and list(resume_blob["meta"]["class_names"]) != list(self.train_index.class_names):
-            raise SetupError("--resume: the checkpoint was trained on other classes than this dataset has")
-        self.amp_dtype = getattr(torch, args.amp_dtype) if args.amp else None
-        load_dtype = self.amp_dtype if (self.amp_dtype is not None and device.type == "cuda") else torch.float32
-        common = dict(img_size=args.img_size, loader=args.loader, num_workers=args.workers, shard_id=ctx.rank,
-                      num_shards=ctx.world_size, dtype=load_dtype, channels_last=args.channels_last, device=device,
-                      on_bad_image=args.on_bad_image)
-        self.loader_backend = resolve_backend(args.loader, device)
-        self.train_loader = build_loader(self.train_index, train=True, batch_size=args.batch_size, seed=args.seed,
-                                         randaugment=args.randaugment, **common)
-        self.eval_loader = build_loader(self.eval_index, train=False, batch_size=args.batch_size, **common)
-        self.steps_per_epoch = len(self.train_loader)
-
-        # ---- model: identical init on every rank, then per-rank RNG streams
-        torch.manual_seed(args.seed)
-        model, self.init_note = create_model(args.model, self.num_classes, pretrained=args.pretrained,
-                                             allow_random_init=args.allow_random_init, img_size=args.img_size,
-                                             roi_mode=args.roi_mode, **args.model_kwargs)
-        if args.initial_checkpoint and resume_blob is None:
-            self.init_note = load_initial_checkpoint(model, args.initial_checkpoint)
-        if resume_blob is not None:
-            model.load_state_dict(resume_blob["model"])
-            self.init_note = f"resumed from {resume.path}"
-        model.to(device)
-        if args.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.teacher = eval_twin(model)
-        model.train()
-        torch.manual_seed(args.seed + 1000 * ctx.rank + 1)
-        self.box_generator = torch.Generator(device=device)
-        self.box_generator.manual_seed(args.seed * 7919 + 104729 * (ctx.rank + 1))
-        if ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        else:
-            train_model = model
-
-        # ---- loss, optimizer, schedule, step
-        self.method = None  # the method object of every method but mskd/vanilla (mskd_fast.methods)
-        if args.method not in ("mskd", "vanilla"):
-            from mskd_fast.methods import build_method
-
-            self.method = build_method(args.method, train_model, args, num_samples=len(self.train_index),
-                                       epochs=args.epochs, generator=self.box_generator)
-            self.method.sync_gradients()
-        self.terms = terms_for(args.method)
-        use = dict(use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd)
-        if args.method != "mskd":
-            use = dict(use_lsd=False, use_rsd=False, use_ssd=False)
-        loss_fn = None  # a method object owns its loss
-        if self.method is None:
-            loss_fn = MSKDLoss(iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature,
-                               omega=args.omega, gamma_pos=args.gamma_pos, gamma_neg=args.gamma_neg,
-                               layers=args.gp_layers, delta=args.delta, use_mbd=not args.no_mbd,
-                               recipe=args.recipe, mbd_form=args.mbd_form, rsd_teacher_scale=args.rsd_teacher_scale,
-                               lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
-                               rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
-        source = loss_fn if self.method is None else self.method
-        self.diag_keys = diagnostic_keys(("loss", *source.diagnostic_terms))
-        config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
-                            clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
-                            channels_last=args.channels_last, teacher_batch_stats=args.teacher_bn == "batch", **use)
-        self.optimizer = build_optimizer(model, args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                         backbone_lr_mult=args.lr_backbone_mult,
-                                         extra_params=None if self.method is None else self.method.extra_parameters())
-        self.total_steps = self.steps_per_epoch * args.epochs
-        self.scheduler = build_scheduler(
-            self.optimizer, total_steps=self.total_steps,
-            warmup_steps=int(round(args.warmup_epochs * self.steps_per_epoch)), sched=args.sched,
-            step_every=max(1, int(round(args.decay_epochs * self.steps_per_epoch))))
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        step_teacher = batch_stat_twin(model) if args.teacher_bn == "batch" else self.teacher
-        self.step = TrainStep(train_model, step_teacher, loss_fn, self.optimizer, self.scheduler, config,
-                              self.box_generator, scaler=self.scaler, compile=args.compile,
-                              fullgraph=not ctx.distributed, method=self.method)
+        parts = build_run(args, ctx, resume_blob, None if resume is None else resume.path)
+        self.__dict__.update(vars(parts))
 
         # ---- counters and state
         self.epoch = 0            # epochs completed
@@ -268,7 +110,6 @@ class Trainer:
         self.history: list[dict] = []
         self.best = {"mAP": -math.inf, "epoch": None}
         self.resumes: list[dict] = []
-        self.look_ahead_fp = None
         self.epoch_stats = EpochStats(terms=self.terms, diag_keys=self.diag_keys)
         if resume is not None:
             self.resume_notes += restore_state(self, resume_blob)
@@ -320,11 +161,11 @@ class Trainer:
         }
         write_text(os.path.join(self.out_dir, "args.yaml"), yaml.safe_dump(_plain(info), sort_keys=False))
 
-    def _save(self, names: list[str], kind: str, next_batch) -> list[str]:
+    def _save(self, names: list[str], kind: str) -> list[str]:
         """Write the checkpoint as each of ``names`` (rank 0; collective under DDP); returns the paths."""
         from mskd_fast.run_dir import keep_old_recovery
 
-        blob = checkpoint_state(self, kind, next_batch)
+        blob = checkpoint_state(self, kind)
         if blob is None:
             return []
         if "recovery.pt" in names:
@@ -388,9 +229,9 @@ class Trainer:
         try:
             cur = next(stream, None)
         except ImageDecodeError as exc:
-            return self._stop_bad_image(exc, None)
+            return self._stop_bad_image(exc)
         if self.step_in_epoch >= self.steps_per_epoch:  # resumed from a stop between an epoch's end and its eval
-            self._end_epoch(self.epoch, cur)
+            self._end_epoch(self.epoch)
         bar = None
         window_t, window_steps = time.time(), 0
         epoch_t0 = time.time()
@@ -399,21 +240,18 @@ class Trainer:
             epoch, i, (images, targets, ids) = cur
             if bar is None and ctx.is_main and not a.no_progress and sys.stdout.isatty():
                 bar = self._progress_bar(epoch, i)
-            self._check_look_ahead(images, ids)
             try:
                 nxt = next(stream, None)
             except Exception as exc:
                 if self.stop_signal is None and not isinstance(exc, ImageDecodeError):
                     raise
                 # Ctrl-C reached the loader's worker processes too (same process group) and they died, or an
-                # image could not be decoded: stop before this step, whose batch (and S-SD logits) the
-                # checkpoint then points at.
+                # image could not be decoded: stop before this step, which the checkpoint then points at.
                 if bar is not None:
                     bar.close()
-                return self._stop("signal", cur) if self.stop_signal is not None else self._stop_bad_image(exc, cur)
+                return self._stop("signal") if self.stop_signal is not None else self._stop_bad_image(exc)
             diagnose = self.global_step % a.log_interval == 0
-            out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose, sample_ids=ids,
-                            epoch=epoch)
+            out = self.step(images, targets, diagnose=diagnose, sample_ids=ids, epoch=epoch)
             self.epoch_stats.add(out)
             self.epoch_stats.samples += images.shape[0] * ctx.world_size
             self.step_in_epoch = i + 1
@@ -435,28 +273,18 @@ class Trainer:
                     bar.close()
                     bar = None
                 try:
-                    self._end_epoch(epoch, nxt)
+                    self._end_epoch(epoch)
                 except ImageDecodeError as exc:  # met by the evaluation
-                    return self._stop_bad_image(exc, nxt)
+                    return self._stop_bad_image(exc)
                 epoch_t0 = window_t = time.time()
             if stop:
-                return self._stop(stop, nxt)
+                return self._stop(stop)
             cur = nxt
         if ctx.is_main:
             from mskd_fast.train_log import final_summary
 
             self._say(final_summary(self))
         return 0
-
-    def _check_look_ahead(self, images, ids) -> None:
-        """First step after a resume: drop the saved S-SD logits unless they are for this very batch."""
-        if self.look_ahead_fp is None:
-            return
-        if self.step.q_prev is not None and not same_batch(self.look_ahead_fp, images, ids):
-            self._say("note: the first batch after resume differs from the one whose S-SD logits were "
-                      "saved (loader augmentation not reproducible); this step runs without S-SD")
-            self.step.drop_q_prev()
-        self.look_ahead_fp = None
 
     def _log_window(self, bar, epoch: int, i: int, rate: float) -> str | None:
         """Read the device counters (one host sync), show progress; returns a stop reason or ``None``."""
@@ -474,7 +302,7 @@ class Trainer:
             return "nonfinite"
         return "signal" if flags[1] > 0 else None
 
-    def _end_epoch(self, epoch: int, nxt) -> None:
+    def _end_epoch(self, epoch: int) -> None:
         from mskd_fast.reports import METRIC_KEYS
         from mskd_fast.train_log import epoch_line
 
@@ -508,7 +336,7 @@ class Trainer:
         improved = result is not None and not math.isnan(row["mAP"]) and row["mAP"] > self.best["mAP"]
         if improved:
             self.best = {"mAP": row["mAP"], "epoch": epoch + 1}
-        self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch", nxt[2] if nxt is not None else None)
+        self._save(["last.pt"] + (["best.pt"] if improved else []), "epoch")
         if self.ctx.is_main:
             self._write_reports()
             self._say(epoch_line(row, a.epochs, result is not None, improved, reasons, self.terms, opposing))
@@ -531,7 +359,7 @@ class Trainer:
         if self.ctx.distributed:
             import torch.distributed as dist
 
-            extra = [] if self.method is None else [b for c in self.method.children() for b in c.buffers()]
+            extra = [b for c in self.method.children() for b in c.buffers()]
             for buf in [*self.model.buffers(), *extra]:
                 dist.broadcast(buf, 0)
 
@@ -558,14 +386,14 @@ class Trainer:
                              title=f"{self.args.method} {self.args.model} on {self.args.dataset}",
                              terms=self.terms)
 
-    def _stop_bad_image(self, exc: ImageDecodeError, nxt) -> int:
+    def _stop_bad_image(self, exc: ImageDecodeError) -> int:
         """An image could not be decoded (``--on-bad-image error``): recovery checkpoint, message, exit code 1.
 
         Under DDP only the rank that met it knows (the checkpoint is a collective): it raises, ending the job.
         """
         if self.ctx.distributed:
             raise exc
-        paths = self._save(["recovery.pt"], "bad_image", nxt[2] if nxt is not None else None)
+        paths = self._save(["recovery.pt"], "bad_image")
         path = paths[0] if paths else "recovery.pt"
         print(f"error: {exc}", file=sys.stderr)
         self._say(f"stopped at epoch {self.epoch + 1} step {self.step_in_epoch} because an image could not be "
@@ -573,8 +401,8 @@ class Trainer:
                   f"--resume {path} (or add --on-bad-image skip)")
         return 1
 
-    def _stop(self, reason: str, nxt) -> int:
-        paths = self._save(["recovery.pt"], reason, nxt[2] if nxt is not None else None)
+    def _stop(self, reason: str) -> int:
+        paths = self._save(["recovery.pt"], reason)
         path = paths[0] if paths else "recovery.pt"
         if reason == "nonfinite":
             self._say(f"error: {NONFINITE_LIMIT} consecutive steps had a non-finite loss or gradient and were "

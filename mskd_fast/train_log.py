@@ -54,14 +54,14 @@ def header(t) -> str:
                      f"kappa={a.kappa} lambda={a.lam} L-SD terms {a.lsd_terms} R-SD teacher {a.rsd_teacher_reduce} "
                      f"crop-T {a.rsd_crop_temperature} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
                      f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
-    elif getattr(t, "method", None) is not None:
+    elif a.method != "vanilla":
         lines.append(f"  {t.method.title}: {t.method.describe()}")
     lines.extend(f"  chosen: {note}" for note in t.notes)
     if t.resumes:
         r = t.resumes[-1]
         changed = "; ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in r["changed"].items())
         lines.append(f"  resuming {r['from']} at epoch {t.epoch + 1} step {t.step_in_epoch} "
-                     f"(S-SD state {'restored' if t.step.q_prev is not None else 'absent'})"
+                     f"(S-SD state {getattr(t.method, 'ssd_state', 'absent')})"
                      + (f"; changed at resume: {changed}" if changed else ""))
     lines.extend(f"  resume: {note}" for note in t.resume_notes)
     lines.append(f"  output {t.out_dir}")

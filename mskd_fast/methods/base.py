@@ -106,7 +106,7 @@ class SelfDistillationMethod(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if not isinstance(model, nn.Module) or not hasattr(unwrap(model), "fc"):
+        if not isinstance(model, nn.Module) or not isinstance(getattr(unwrap(model), "num_classes", None), int):
             raise TypeError(f"model must be the trainer's MSKDModel (possibly DDP-wrapped), got {type(model).__name__}")
         object.__setattr__(self, "_student", model)  # not a sub-module: its weights are not the method's state
         self._compiled = None
@@ -197,6 +197,10 @@ class SelfDistillationMethod(nn.Module):
         return self._pending["_parts"]
 
     # ------------------------------------------------------------------ parameters and state
+    def classifier_parameters(self):
+        """The student's final classifier parameters (where the training diagnostics take their gradients)."""
+        return self.core.fc.parameters()
+
     def extra_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the method itself (they join the optimizer; empty for most methods)."""
         return [p for p in self.parameters() if p.requires_grad]
