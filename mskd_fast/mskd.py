@@ -107,6 +107,7 @@ class MSKD(SelfDistillationMethod):
         object.__setattr__(self, "_teacher", None)  # not a sub-module: mskd.train() must not flip its mode
         self.snapshot = ParameterSnapshot(self.core) if use_ssd else None
         self._eager_call = False
+        self._tie_teacher()
 
     # ------------------------------------------------------------------ settings
     @property

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.slow
 
-METHODS_UNDER_TEST = ("pskd", "dlb", "uskd", "mulsupcon", "ddgsd")
+METHODS_UNDER_TEST = ("pskd", "dlb", "uskd", "mulsupcon", "ddgsd", "mskd")
 
 
 def _worker(rank, world, port, results):
@@ -24,6 +24,7 @@ def _worker(rank, world, port, results):
         from mskd_fast.models import create_model
         from mskd_fast.step import StepConfig, TrainStep, build_optimizer
         from mskd_fast.train_args import build_parser
+        from mskd_fast.train_build import build_method_object
 
         out = {}
         for name in METHODS_UNDER_TEST:
@@ -33,12 +34,14 @@ def _worker(rank, world, port, results):
             ddp = DDP(model)
             args = build_parser().parse_args(["--mulsupcon-queue", "12"])
             generator = torch.Generator().manual_seed(10 + rank)
-            method = build_method(name, ddp, args, num_samples=32, epochs=2, generator=generator)
+            if name == "mskd":  # MSKD's S-SD snapshot: identical on every process (parameters are)
+                method = build_method_object(build_parser().parse_args([]), ddp, num_samples=32, generator=generator)
+            else:
+                method = build_method(name, ddp, args, num_samples=32, epochs=2, generator=generator)
             method.sync_gradients()
             torch.manual_seed(100 + rank)  # per-process streams (dropout), as the trainer does
             opt = build_optimizer(model, 0.05, backbone_lr_mult=1.0, extra_params=method.extra_parameters())
-            step = TrainStep(ddp, None, None, opt, None, StepConfig(method=name, amp_dtype=None), generator,
-                             method=method, fullgraph=False)
+            step = TrainStep(method, opt, None, StepConfig(amp_dtype=None), fullgraph=False)
             g = torch.Generator().manual_seed(1000 + rank)  # each process its own batches and sample ids
             for s in range(3):
                 x = torch.randn(4, 3, 64, 64, generator=g)
@@ -50,7 +53,8 @@ def _worker(rank, world, port, results):
             per_process = ("running_mean", "running_var", "num_batches_tracked")
             out[name] = {
                 "model": {k: v.detach().clone() for k, v in model.named_parameters()},
-                "method": {k: v.clone() for k, v in method.state_dict().items() if not k.endswith(per_process)},
+                "method": {k: v.clone() for k, v in method.state_dict().items()
+                           if not k.endswith(per_process) and k != "generator"},  # MSKD's box generator: per process
                 "rank_state": method.rank_state_dict(),
             }
         results[rank] = out
@@ -73,5 +77,6 @@ def test_methods_keep_shared_state_identical_across_processes():
     assert int(r0["pskd"]["method"]["seen"].sum()) == 24
     # MulSupCon: 3 steps x 8 gathered keys through a 12-slot queue: full, pointer at 24 % 12
     assert bool(r0["mulsupcon"]["method"]["queue_full"]) and int(r0["mulsupcon"]["method"]["queue_pointer"]) == 0
+    assert any(k.startswith("teacher.") for k in r0["mskd"]["method"])  # the snapshot was compared
     # DLB: the stored half batch is each process's own
     assert not torch.equal(r0["dlb"]["rank_state"]["images"], r1["dlb"]["rank_state"]["images"])
