@@ -7,7 +7,7 @@ method is the median over its rounds of the mean step time in the round, and its
 
 Default setting (the CPU entries of docs/PERFORMANCE.md): timm ``resnet10t`` with channels (16, 32, 64, 128) and
 stem width 16, 64 x 64 inputs, 20 classes, batch 16, bf16 autocast, eager, channels-last, one intra-op thread.
-MSKD runs with every term on (S = 4 crops, S-SD active, two batches alternating as each other's look-ahead).
+MSKD runs with every term on (S = 4 crops, S-SD active from the parameter snapshot, two batches alternating).
 
     .venv/bin/python bench/method_step_time.py [--batch 16] [--json out.json]
 
@@ -26,15 +26,16 @@ import time
 
 import torch
 
-from mskd_fast.losses import MSKDLoss
 from mskd_fast.methods import METHODS, build_method
-from mskd_fast.models import create_model, eval_twin
+from mskd_fast.models import create_model
+from mskd_fast.mskd import MSKD, VanillaBCE
 from mskd_fast.step import StepConfig, TrainStep, build_optimizer
 from mskd_fast.train_args import build_parser
 
 EXTRA_WORK = {
     "vanilla": "-",
-    "mskd": "no-grad teacher forward of S*B crops + B look-ahead images; crops, ROI pooling, 3 SD losses",
+    "mskd": "no-grad teacher forwards of S*B crops and of B images (S-SD snapshot, one parameter copy per "
+            "update); crops, ROI pooling, 3 SD losses",
     "tfkd": "none (loss only)",
     "pskd": "bank gather/scatter (N x C)",
     "dlb": "forward/backward of B + B/2 images",
@@ -49,21 +50,15 @@ def _make_step(name: str, args, classes: int, batch: int, num_samples: int, amp_
     torch.manual_seed(0)
     model, _ = create_model(args.model, classes, channels=(16, 32, 64, 128), stem_width=16)
     model = model.to(memory_format=torch.channels_last)
-    teacher = eval_twin(model)
     model.train()
     generator = torch.Generator().manual_seed(1)
-    method = loss = None
     if name in ("mskd", "vanilla"):
-        use = {} if name == "mskd" else dict(use_lsd=False, use_rsd=False, use_ssd=False)
-        loss = MSKDLoss(**use)
-        config = StepConfig(method=name, amp_dtype=amp_dtype, **use)
+        method = (MSKD if name == "mskd" else VanillaBCE)(model, generator=generator)
     else:
         method = build_method(name, model, build_parser().parse_args([]), num_samples=num_samples, epochs=10,
                               generator=generator)
-        config = StepConfig(method=name, amp_dtype=amp_dtype)
-    extra = None if method is None else method.extra_parameters()
-    opt = build_optimizer(model, 0.01, backbone_lr_mult=1.0, extra_params=extra)
-    return TrainStep(model, teacher, loss, opt, None, config, generator, method=method)
+    opt = build_optimizer(model, 0.01, backbone_lr_mult=1.0, extra_params=method.extra_parameters())
+    return TrainStep(method, opt, None, StepConfig(amp_dtype=amp_dtype))
 
 
 def main(argv=None) -> int:
@@ -97,7 +92,7 @@ def main(argv=None) -> int:
         for _ in range(n):
             k = counter[name] % 2
             x, y, ids = batches[k]
-            step(x, y, batches[1 - k][0], sample_ids=ids, epoch=0)
+            step(x, y, sample_ids=ids, epoch=0)
             counter[name] += 1
         return (time.perf_counter() - t0) / n
 

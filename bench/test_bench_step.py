@@ -8,13 +8,14 @@ Groups (one per setting; entries measured in the same run, ``floor`` is the base
 
 Entries (one full optimizer step each: forward, backward, clipping, fused SGD, LR schedule):
 
-* ``vanilla``: ``TrainStep`` with ``method="vanilla"`` (BCE only, no crops, no teacher);
+* ``vanilla``: ``TrainStep`` around ``VanillaBCE`` (BCE only, no crops, no teacher);
 * ``floor``: the vanilla step plus a no-grad eval-mode forward of ``S*B`` crops and of the ``B``
   images (the teacher's work of the MSKD step; done as one forward of ``(S+1)*B`` inputs, its fastest
   form, compiled in the compiled setting). The crops are precomputed, so the floor excludes box sampling,
-  ``crop_resize``, ROI pooling, the three self-distillation losses and the look-ahead bookkeeping: the
-  MSKD step's overhead over the floor is exactly that;
-* ``mskd``: ``TrainStep`` with every term on (S-SD active: ``q_prev`` from the look-ahead);
+  ``crop_resize``, ROI pooling, the three self-distillation losses and the S-SD parameter snapshot (its copy
+  per update and its separate forward): the MSKD step's overhead over the floor is exactly that;
+* ``mskd``: ``TrainStep`` around :class:`mskd_fast.MSKD` with every term on (S-SD active: ``q_prev`` from the
+  parameter snapshot);
 * ``mskd-diagnosed``: the ``mskd`` step with the training diagnostics on (``diagnose=True``: the per-term
   gradients on the classifier, :mod:`mskd_fast.diagnostics`), which the trainer does every ``--log-interval``
   steps; its ratio to ``mskd`` is the cost of one diagnosed step;
@@ -38,6 +39,7 @@ from torchvision.ops import roi_pool as tv_roi_pool
 from mskd_fast import reference as ref
 from mskd_fast.losses import MSKDLoss
 from mskd_fast.models import create_model, eval_twin, spatial_scale
+from mskd_fast.mskd import MSKD, VanillaBCE
 from mskd_fast.step import StepConfig, TrainStep, build_optimizer, sample_boxes
 
 SETTINGS = {
@@ -61,9 +63,9 @@ class PlainMSKDStep:
     """
 
     def __init__(self, model, teacher, loss_fn: MSKDLoss, optimizer, config: StepConfig, generator, *,
-                 compile: bool = False):
+                 crops: int = 4, compile: bool = False):
         self.model, self.teacher, self.loss_fn = model, teacher, loss_fn
-        self.optimizer, self.config, self.generator = optimizer, config, generator
+        self.optimizer, self.config, self.generator, self.crops = optimizer, config, generator, crops
         self.previous = copy.deepcopy(teacher).eval().requires_grad_(False)  # independent tensors
         self.live = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
         self.snap = list(self.previous.parameters()) + [b for b in self.previous.buffers() if b.is_floating_point()]
@@ -104,8 +106,8 @@ class PlainMSKDStep:
             total = total + lf.lam * ssd
         return total, ssd.detach()
 
-    def __call__(self, images, targets, next_images=None):
-        boxes = sample_boxes(images.shape[0], self.config.crops, images.shape[-2], images.shape[-1], "random",
+    def __call__(self, images, targets):
+        boxes = sample_boxes(images.shape[0], self.crops, images.shape[-2], images.shape[-1], "random",
                              self.generator, images.device)
         self.optimizer.zero_grad(set_to_none=True)
         total, ssd = self.forward(images, targets, boxes, self.has_previous)
@@ -124,14 +126,17 @@ def _make(kind, device, s):
     model = model.to(device).to(memory_format=torch.channels_last)
     teacher = eval_twin(model)
     model.train()
-    method = "vanilla" if kind in ("vanilla", "floor") else "mskd"  # mskd, mskd-diagnosed, plain
-    use = dict(use_lsd=method == "mskd", use_rsd=method == "mskd", use_ssd=method == "mskd")
-    config = StepConfig(method=method, crops=s["crops"], amp_dtype=torch.bfloat16, channels_last=True, **use)
+    config = StepConfig(amp_dtype=torch.bfloat16)
     opt = build_optimizer(model, 0.01)
     gen = torch.Generator(device=device).manual_seed(1)
     if kind == "plain":
-        return PlainMSKDStep(model, teacher, MSKDLoss(**use), opt, config, gen, compile=s["compile"]), teacher
-    step = TrainStep(model, teacher, MSKDLoss(**use), opt, None, config, gen, compile=s["compile"])
+        return PlainMSKDStep(model, teacher, MSKDLoss(), opt, config, gen, crops=s["crops"],
+                             compile=s["compile"]), teacher
+    if kind in ("vanilla", "floor"):
+        method = VanillaBCE(model, generator=gen, channels_last=True)
+    else:  # mskd, mskd-diagnosed
+        method = MSKD(model, crops=s["crops"], generator=gen, channels_last=True)
+    step = TrainStep(method, opt, None, config, compile=s["compile"])
     return step, teacher
 
 
@@ -166,18 +171,18 @@ def test_bench_train_step(benchmark, bench_run, device, kind):
 
         def run():
             teacher_fwd(teacher_in)
-            return step(x1, y1, x2)
+            return step(x1, y1)
     else:
         batches = [(x1, y1), (x2, y2)]
         state = {"i": 0}
 
-        def run():  # alternate two batches, each the look-ahead of the other (S-SD stays active)
+        def run():  # alternate two batches (S-SD active from the second step on)
             i = state["i"]
             state["i"] = 1 - i
-            (x, y), (x_next, _) = batches[i], batches[1 - i]
+            x, y = batches[i]
             if kind == "mskd-diagnosed":
-                return step(x, y, x_next, diagnose=True)
-            return step(x, y, x_next)
+                return step(x, y, diagnose=True)
+            return step(x, y)
 
     out = bench_run(benchmark, run, device=device, warmup=3, kind=kind, batch=s["batch"])
     assert torch.isfinite(out["total"])

@@ -68,11 +68,11 @@ def test_plain_step_is_one_graph_with_the_mskd_objective():
     x1, y1 = bench_step._inputs(cpu, s, 1)
     x2, y2 = bench_step._inputs(cpu, s, 2)
     mskd, _ = bench_step._make("mskd", cpu, s)  # same initial weights and box generator
-    first_plain, first_mskd = plain(x1, y1, x2), mskd(x1, y1, x2)
+    first_plain, first_mskd = plain(x1, y1), mskd(x1, y1)
     # first step: no S-SD in either, same crops: the same BCE + L-SD + R-SD objective
     assert first_plain["ssd"] == 0 and first_mskd["ssd"] == 0
     torch.testing.assert_close(first_plain["total"], first_mskd["total"], rtol=1e-4, atol=1e-5)
-    assert plain(x2, y2, x1)["ssd"] > 0  # S-SD from the previous step's parameters
+    assert plain(x2, y2)["ssd"] > 0  # S-SD from the previous step's parameters
     boxes = bench_step.sample_boxes(s["batch"], s["crops"], s["size"], s["size"], "random",
                                     torch.Generator().manual_seed(0))
     for with_previous in (False, True):  # the GPU entry compiles forward_loss with fullgraph=True

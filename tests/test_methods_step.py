@@ -1,5 +1,6 @@
-"""Method objects (mskd_fast.methods, and mskd_fast.MSKD / VanillaBCE for mskd and vanilla) inside TrainStep on CPU with a tiny model: outputs, updates, non-finite
-skips, state round trips (exact continuation), the compiled region, and each method's own mechanics."""
+"""Method objects (mskd_fast.methods; mskd_fast.MSKD and VanillaBCE for mskd and vanilla) inside TrainStep on CPU
+with a tiny model: outputs, updates, non-finite skips, state round trips (exact continuation), the compiled region,
+and each method's own mechanics."""
 
 import copy
 

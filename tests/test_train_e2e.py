@@ -129,7 +129,7 @@ def test_resume_is_exact(stop_step, cache, tmp_path, monkeypatch, capsys):
     assert any(k.startswith("teacher.") for k in blob["step_state"]["method"])  # the S-SD snapshot travels along
     assert main(["--resume", str(recovery)]) == 0
     out = capsys.readouterr().out
-    assert "without S-SD" not in out  # the saved look-ahead logits matched the first resumed batch
+    assert "without S-SD" not in out  # the saved S-SD state was used
     _assert_same_run(tmp_path / "straight" / "last.pt", tmp_path / "interrupted" / "last.pt")
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "interrupted")
     for key in ("loss", "bce", "lsd", "rsd", "ssd", "mAP"):
