@@ -15,8 +15,8 @@ Per call, on ``images (B,3,H,W)`` and multi-hot ``targets (B,C)``:
 2. ``P = crop_resize(images, boxes)`` and one no-grad forward of the *teacher* (the current parameters in eval
    behaviour, :func:`mskd_fast.models.eval_twin`: no BatchNorm statistic update; ``teacher_bn="batch"``: batch
    statistics, :func:`mskd_fast.models.batch_stat_twin`) gives the crop logits ``o (B,S,C)``;
-3. S-SD's ``q_prev (B,C)``: the same images through the parameters before the last optimizer update
-   (:class:`mskd_fast.snapshot.ParameterSnapshot`, ``torch.func.functional_call``; absent until the first update);
+3. S-SD's ``q_prev (B,C)``: the same images through the parameters before the last optimizer update, held by a
+   copy of the teacher (:class:`mskd_fast.snapshot.ParameterSnapshot`; absent until the first update);
 4. one student forward gives ``q (B,C)`` and the ROI-pooled crop logits ``r (B,S,C)`` from the same feature map;
 5. :class:`mskd_fast.losses.MSKDLoss` ``(q, r, o, q_prev, targets)``.
 
@@ -105,7 +105,7 @@ class MSKD(SelfDistillationMethod):
         self._generator_state = None
         self._tensor_ids = None
         object.__setattr__(self, "_teacher", None)  # not a sub-module: mskd.train() must not flip its mode
-        self.snapshot = ParameterSnapshot(self.core) if use_ssd else None
+        self.snapshot = ParameterSnapshot(self.core, lambda: self._teacher) if use_ssd else None
         self._eager_call = False
         self._tie_teacher()
 
@@ -168,16 +168,17 @@ class MSKD(SelfDistillationMethod):
         if self.need_crops:
             boxes = sample_boxes(images.shape[0], self.crops, images.shape[-2], images.shape[-1], self.crop_mode,
                                  self._generator(images.device), images.device)
-        previous = self.snapshot.teacher_state() if self.snapshot is not None else None
-        self._eager_call = self.snapshot is not None and previous is None
-        return {"images": images, "targets": targets, "boxes": boxes, "previous": previous}
+        ssd = self.snapshot is not None and self.snapshot.teacher_module() is not None
+        self._eager_call = self.snapshot is not None and not ssd
+        return {"images": images, "targets": targets, "boxes": boxes, "ssd": ssd}
 
     def use_compiled(self) -> bool:
         return not self._eager_call  # the first call of a run (no S-SD teacher yet) runs eagerly: one graph
 
     def compute(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor | None = None,
-                previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Steps 2-5 of the module docstring (tensors only; compiled by :meth:`compile`)."""
+                ssd: bool = False) -> dict[str, torch.Tensor]:
+        """Steps 2-5 of the module docstring (tensors only; compiled by :meth:`compile`). ``boxes (B,S,4)`` or
+        ``None`` (no crops); ``ssd``: forward ``images`` through the S-SD snapshot (it must hold a teacher)."""
         from mskd_fast import ops
 
         batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
@@ -189,9 +190,9 @@ class MSKD(SelfDistillationMethod):
             crops = ops.crop_resize(images, boxes, (height, width), channels_last=channels_last)
             with torch.no_grad():
                 o = self._teacher(crops).view(batch, self.crops, -1)
-        if previous is not None:
+        if ssd:
             with torch.no_grad():
-                q_prev = torch.func.functional_call(self._teacher, previous, (images,))
+                q_prev = self.snapshot.module(images)
         if boxes is not None:
             q, r = self.student(images, boxes)
         else:

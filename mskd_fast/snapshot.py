@@ -4,27 +4,29 @@ S-SD distils the current batch's logits towards the same batch's logits under th
 update*. :class:`ParameterSnapshot` keeps those tensors for any training loop, without knowing the next batch:
 
 * ``pending``: a copy of the live parameters and floating buffers, taken at the first call after an update;
-* ``teacher``: the previous ``pending``, i.e. the tensors before the last update (what S-SD forwards through,
-  ``torch.func.functional_call``); absent until the first update.
+* ``teacher``: the previous ``pending``, i.e. the tensors before the last update, held by ``module`` (a copy of
+  the teacher twin whose tensors are these), which S-SD forwards through; absent until the first update.
 
-At each call (:meth:`ParameterSnapshot.teacher_state`) it checks whether the parameters were updated since
-``pending`` was taken; if so ``teacher <- pending`` and ``pending <- copy of live`` (one copy per update, none
-while gradients accumulate). An update is seen in two ways, both free of host syncs:
+At each call (:meth:`ParameterSnapshot.refresh`) it checks whether the parameters were updated since ``pending`` was
+taken; if so the two swap storages (``Tensor.data``, no copy) and ``pending`` takes a copy of the live tensors: one
+copy per update, none while gradients accumulate. An update is seen in two ways, neither needing a host sync:
 
 * a ``torch.optim`` optimizer holding these parameters ran ``step()`` (a global step pre-hook; fused optimizers do
-  not bump tensor version counters). When the optimizer carries a device ``found_inf`` (``GradScaler`` with a
-  fused optimizer, the trainer's non-finite skip) the step may have been skipped: the swap is then a device-side
-  ``torch.where(updated, pending, teacher)``, so a skipped step leaves the teacher as it was;
+  not bump tensor version counters). When the optimizer carries a ``found_inf`` tensor (``GradScaler`` with a
+  fused optimizer, the trainer's non-finite skip) the step may have been skipped: on an accelerator the swap is
+  then a device-side ``torch.where(updated, pending, teacher)``, so a skipped step leaves the teacher as it was
+  (on the CPU the flag is read, which costs nothing);
 * a parameter's version counter moved (in-place writes under ``no_grad``: a hand-written update,
   ``load_state_dict``). Writes through ``.data`` are invisible to both: update through an optimizer.
 
 ``GradScaler`` with a non-fused optimizer skips ``step()`` itself on inf/NaN: no hook, no swap. Memory: two copies
-of the parameters and floating buffers. The first update decided on the device costs one host sync (whether the
-teacher exists at all); later ones none.
+of the parameters and floating buffers. The first update decided on an accelerator costs one host sync (whether
+the teacher exists at all); later ones none.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import weakref
 
@@ -46,11 +48,15 @@ class ParameterSnapshot:
 
     Args:
         module: the (unwrapped) student; its ``named_parameters()`` and floating ``named_buffers()`` are copied.
+        teacher_like: returns the module the snapshot forwards through (e.g. the eval twin of ``module``; same
+            tensor names); it is deep-copied once and its tensors then point at the snapshot's storage.
     """
 
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.teacher: dict[str, torch.Tensor] | None = None
+    def __init__(self, module: nn.Module, teacher_like=None):
+        self.source = module
+        self.teacher_like = teacher_like or (lambda: module)
+        self.module: nn.Module | None = None
+        self.teacher: dict[str, torch.Tensor] | None = None  # the tensors of `module`
         self.pending: dict[str, torch.Tensor] | None = None
         self._updates: list = []  # since `pending` was taken: True (host) or a 0-dim device bool per step
         self._versions: tuple | None = None  # parameter versions when `pending` was taken (None: take them next)
@@ -64,8 +70,8 @@ class ParameterSnapshot:
 
     # ------------------------------------------------------------------ tensors
     def _bind(self) -> None:
-        self.params = dict(self.module.named_parameters())
-        self.buffers = {k: b for k, b in self.module.named_buffers() if b.is_floating_point()}
+        self.params = dict(self.source.named_parameters())
+        self.buffers = {k: b for k, b in self.source.named_buffers() if b.is_floating_point()}
         self._param_ids = frozenset(id(p) for p in self.params.values())
         self._known: dict[tuple, bool] = {}  # (id(optimizer), its parameter count) -> holds one of ours
 
@@ -94,11 +100,13 @@ class ParameterSnapshot:
         """The module's tensors were replaced (``Module.to``): re-read them and move the copies along."""
         self._bind()
         live = self.live()
-        for copy in (self.teacher, self.pending):
-            if copy is not None:
-                for k, t in list(copy.items()):
-                    if k in live and (t.device != live[k].device or t.dtype != live[k].dtype):
-                        copy[k] = t.to(device=live[k].device, dtype=live[k].dtype)
+        for held in (self.teacher, self.pending):
+            for k, t in (held or {}).items():
+                if t.device != live[k].device or t.dtype != live[k].dtype:
+                    if held is self.teacher:
+                        t.data = t.data.to(device=live[k].device, dtype=live[k].dtype)
+                    else:
+                        held[k] = t.to(device=live[k].device, dtype=live[k].dtype)
 
     def _copy_live(self, into: dict | None) -> dict[str, torch.Tensor]:
         live = self.live()
@@ -107,6 +115,28 @@ class ParameterSnapshot:
                 return {k: t.detach().clone() for k, t in live.items()}
             torch._foreach_copy_(list(into.values()), [live[k] for k in into])
         return into
+
+    def _install(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Make ``tensors`` the teacher: ``module``'s tensors point at their storage (built on first use)."""
+        if self.module is None:
+            self.module = copy.deepcopy(self.teacher_like())
+            named = {**dict(self.module.named_parameters()), **dict(self.module.named_buffers())}
+            self.module.requires_grad_(False)
+            self.teacher = {k: named[k] for k in self.live()}
+        for k, t in self.teacher.items():
+            t.data = tensors[k]
+
+    def _swap(self) -> None:
+        """``teacher <- pending`` and ``pending <- copy of live``, reusing the old teacher's storage."""
+        if self.teacher is None:
+            self._install(self.pending)
+            self.pending = self._copy_live(None)
+            return
+        for k, t in self.teacher.items():
+            old = t.data
+            t.data = self.pending[k]
+            self.pending[k] = old
+        self._copy_live(self.pending)
 
     def refresh(self) -> None:
         """Apply the updates seen since ``pending`` was taken (see the module docstring); no-op without any."""
@@ -124,27 +154,27 @@ class ParameterSnapshot:
         if not updates:
             return
         flags = [u for u in updates if u is not True]
-        if len(flags) < len(updates):
-            updated = True
-        else:
+        updated = True
+        if len(flags) == len(updates):
             updated = torch.stack(flags).any() if len(flags) > 1 else flags[0]
-        if updated is True or self.teacher is None:
-            if updated is not True and not bool(updated):  # first update decided on the device: one sync
-                self.pending = self._copy_live(self.pending)
-            else:
-                self.teacher, self.pending = self.pending, self._copy_live(self.teacher)
+            if updated.device.type == "cpu" or self.teacher is None:  # free on the CPU; once on a GPU
+                updated = bool(updated)
+        if updated is True:
+            self._swap()
+        elif updated is False:
+            self._copy_live(self.pending)
         else:
             with torch.no_grad():
                 for k, t in self.teacher.items():
                     torch.where(updated, self.pending[k], t, out=t)
-            self.pending = self._copy_live(self.pending)
+            self._copy_live(self.pending)
         self._versions = self._versions_now()
         self._updates = []
 
-    def teacher_state(self) -> dict[str, torch.Tensor] | None:
-        """Refresh, then the tensors before the last update (``None`` before the first update)."""
+    def teacher_module(self) -> nn.Module | None:
+        """Refresh, then the module holding the tensors before the last update (``None`` before the first one)."""
         self.refresh()
-        return self.teacher
+        return self.module if self.teacher is not None else None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -174,11 +204,14 @@ class ParameterSnapshot:
             if kind not in copies or name not in live:
                 raise ValueError(f"S-SD snapshot state: unexpected entry {key!r} (not a tensor of this model)")
             copies[kind][name] = value.to(device=live[name].device, dtype=live[name].dtype).clone()
-        for kind, copy in copies.items():
-            if copy and set(copy) != set(live):
-                missing = sorted(set(live) - set(copy))[:3]
+        for kind, held in copies.items():
+            if held and set(held) != set(live):
+                missing = sorted(set(live) - set(held))[:3]
                 raise ValueError(f"S-SD snapshot state: {kind} lacks tensors of this model (e.g. {missing})")
-        self.teacher = copies["teacher"] or None
+        if copies["teacher"]:
+            self._install(copies["teacher"])
+        elif self.teacher is not None:  # a state without teacher: back to "no update yet"
+            self.module = self.teacher = None
         self.pending = copies["pending"] or None
         self._versions = None
         self._updates = []

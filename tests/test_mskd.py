@@ -54,10 +54,10 @@ def test_terms_equal_the_hand_written_step_on_a_timm_model():
     previous_model = _timm(seed=7)  # some other parameters as the S-SD teacher
     previous = {**dict(previous_model.named_parameters()),
                 **{k: b for k, b in previous_model.named_buffers() if b.is_floating_point()}}
-    previous = {f"model.{k}": v.detach().clone() for k, v in previous.items()}
+    mskd.snapshot.load_state_dict({f"teacher.model.{k}": v.detach() for k, v in previous.items()})
     reference = copy.deepcopy(model)
     teacher = copy.deepcopy(model).eval()  # the crop teacher runs before the student updates the BN statistics
-    out = mskd.compute(x, y, boxes=boxes, previous=previous)
+    out = mskd.compute(x, y, boxes=boxes, ssd=True)
     # by hand: timm's own head on the feature map and on each ROI-pooled region, eval-mode teachers
     f = reference.forward_features(x)
     q = reference.forward_head(f)

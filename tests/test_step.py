@@ -243,7 +243,7 @@ def test_no_graph_break_in_the_compiled_region():
     step(x, y)  # after one update the S-SD teacher exists: the steady-state region
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inputs = mskd.prepare(x, y, None, 0)
-        assert inputs["previous"] is not None and inputs["boxes"] is not None
+        assert inputs["ssd"] and inputs["boxes"] is not None
         explanation = torch._dynamo.explain(mskd.compute)(**inputs)
     reasons = [str(r.reason) for r in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons
@@ -337,10 +337,10 @@ def test_batch_statistics_teacher_normalises_crops_and_the_ssd_images_apart():
     loss = _capture(mskd)
     x, y = _batch(seed=1)
     x = x * 3 + 1  # other statistics than those of the crops
-    previous = {k: t.detach().clone() for k, t in mskd.snapshot.live().items()}
+    mskd.snapshot.load_state_dict({f"teacher.{k}": t.detach() for k, t in mskd.snapshot.live().items()})
     boxes = sample_boxes(x.shape[0], 4, 64, 64, "random", torch.Generator().manual_seed(5))
     running = [b.clone() for b in model.buffers()]
-    mskd.compute(x, y, boxes=boxes, previous=previous)
+    mskd.compute(x, y, boxes=boxes, ssd=True)
     twin = eval_twin(model)
     for module in twin.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
