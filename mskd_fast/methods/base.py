@@ -172,9 +172,9 @@ class SelfDistillationMethod(nn.Module):
         """Whether this call may use the compiled :meth:`compute` (e.g. ``False`` on a differently shaped call)."""
         return True
 
-    def compile(self, *, fullgraph: bool = True, backend: str = "inductor") -> None:
+    def compile(self, *, fullgraph: bool = True, backend: str = "inductor", mode: str | None = None) -> None:
         """Compile :meth:`compute` (``dynamic=False``; ``fullgraph`` makes a graph break an error)."""
-        self._compiled = torch.compile(self.compute, fullgraph=fullgraph, dynamic=False, backend=backend)
+        self._compiled = torch.compile(self.compute, fullgraph=fullgraph, dynamic=False, backend=backend, mode=mode)
 
     def after_step(self, skipped: torch.Tensor) -> None:
         """After the optimizer step; ``skipped`` is the device 0-dim flag (1: the update was skipped)."""
