@@ -41,6 +41,7 @@ __all__ = [
     "create_model",
     "eval_twin",
     "find_cached_pretrained",
+    "hub_offline",
     "load_initial_checkpoint",
     "unwrap",
 ]
@@ -295,6 +296,25 @@ def check_model(name: str, *, img_size: int | None = None, **timm_kwargs) -> tup
     return tuple(features.shape[1:])
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (``HF_HUB_OFFLINE`` set to 1/true/yes/on, now or at import)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - huggingface_hub is a timm dependency
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _missing_weights_message(name: str, why: str) -> str:
+    return (f"--pretrained: no weights for timm model {name!r} in the local cache (searched the Hugging Face hub "
+            f"cache and {os.path.join(torch.hub.get_dir(), 'checkpoints')}) and {why}. Fetch them once on a "
+            f"machine with network access (python -c \"import timm; timm.create_model('{name}', pretrained=True)\") "
+            "and copy the cache, or pass --initial-checkpoint PATH, or add --allow-random-init to train from "
+            "scratch.")
+
+
 def create_model(
     name: str,
     num_classes: int,
@@ -307,38 +327,39 @@ def create_model(
 ) -> tuple[MSKDModel, str]:
     """Build ``MSKDModel`` around ``timm.create_model(name, num_classes=0)``; returns ``(model, init_note)``.
 
-    ``pretrained=True`` loads timm weights only from the local cache (never the network). If they are
-    missing, raises ``PretrainedWeightsMissing`` with instructions, unless ``allow_random_init`` is set, in
-    which case it warns and continues from random initialisation. ``img_size`` is passed to models that
-    take it (Swin/ViT-style models are built for a fixed size). ``init_note`` says how the weights were
-    initialised, for the run log.
+    ``pretrained=True`` loads timm's weights as timm does: from the local cache when they are there (Hugging Face
+    hub cache, torch hub checkpoints; no network), else downloaded by timm's own loader through the Hugging Face
+    hub into its usual cache. When the hub is offline (``HF_HUB_OFFLINE=1``) or the download fails, raises
+    ``PretrainedWeightsMissing`` with instructions, unless ``allow_random_init`` is set, in which case it warns
+    and continues from random initialisation. ``img_size`` is passed to models that take it (Swin/ViT-style
+    models are built for a fixed size). ``init_note`` says how the weights were initialised, for the run log.
     """
     _check_model_name(name)
-    note = "random init"
-    overlay = None
-    if pretrained:
-        found = find_cached_pretrained(name)
-        if found is None:
-            msg = (
-                f"--pretrained: no weights for timm model {name!r} in the local cache (searched the Hugging Face "
-                f"hub cache and {os.path.join(torch.hub.get_dir(), 'checkpoints')}); this trainer never downloads. "
-                f"Fetch them once on a machine with network access (python -c \"import timm; "
-                f"timm.create_model('{name}', pretrained=True)\") and copy the cache, or pass "
-                "--initial-checkpoint PATH, or add --allow-random-init to train from scratch."
-            )
-            if not allow_random_init:
-                raise PretrainedWeightsMissing(msg)
-            warnings.warn(msg + " Continuing from random init (--allow-random-init).", stacklevel=2)
-            pretrained = False
-            note = "random init (pretrained weights missing, --allow-random-init)"
+    kwargs = dict(num_classes=0, **timm_kwargs)
+    if not pretrained:
+        return MSKDModel(_timm_create(name, img_size, pretrained=False, **kwargs), num_classes,
+                         roi_mode=roi_mode), "random init"
+    found = find_cached_pretrained(name)
+    if found is not None:
+        backbone = _timm_create(name, img_size, pretrained=True,
+                                pretrained_cfg_overlay={"file": found.path, "source": ""}, **kwargs)
+        return MSKDModel(backbone, num_classes, roi_mode=roi_mode), f"pretrained from {found.source}: {found.path}"
+    if hub_offline():
+        msg = _missing_weights_message(name, "the Hugging Face hub is offline (HF_HUB_OFFLINE=1)")
+    else:
+        try:
+            backbone = _timm_create(name, img_size, pretrained=True, **kwargs)
+        except Exception as exc:  # no network, a proxy, a missing file on the hub: all end the same way
+            msg = _missing_weights_message(name, f"downloading them failed ({type(exc).__name__}: {exc})")
         else:
-            overlay = {"file": found.path, "source": ""}
-            note = f"pretrained from {found.source}: {found.path}"
-    kwargs = dict(pretrained=pretrained, num_classes=0, **timm_kwargs)
-    if overlay is not None:
-        kwargs["pretrained_cfg_overlay"] = overlay
-    backbone = _timm_create(name, img_size, **kwargs)
-    return MSKDModel(backbone, num_classes, roi_mode=roi_mode), note
+            return (MSKDModel(backbone, num_classes, roi_mode=roi_mode),
+                    "pretrained, downloaded by timm through the Hugging Face hub")
+    if not allow_random_init:
+        raise PretrainedWeightsMissing(msg)
+    warnings.warn(msg + " Continuing from random init (--allow-random-init).", stacklevel=2)
+    backbone = _timm_create(name, img_size, pretrained=False, **kwargs)
+    return (MSKDModel(backbone, num_classes, roi_mode=roi_mode),
+            "random init (pretrained weights missing, --allow-random-init)")
 
 
 def load_initial_checkpoint(model: MSKDModel, path: str) -> str:

@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm model name with a spatial feature map (paper: resnet34, mobilenetv2_100, "
                         "swin_tiny_patch4_window7_224). Default: resnet34; synthetic demo: see printout")
     m.add_argument("--pretrained", action="store_true",
-                   help="start from timm pretrained weights found in the local cache (never downloaded)")
+                   help="start from timm's pretrained weights: from the local cache, else downloaded by timm through "
+                        "the Hugging Face hub (HF_HUB_OFFLINE=1: cache only)")
     m.add_argument("--allow-random-init", action="store_true",
-                   help="with --pretrained: if the weights are not cached, continue from random init")
+                   help="with --pretrained: if the weights cannot be had (not cached and offline, or the download "
+                        "failed), continue from random init")
     m.add_argument("--initial-checkpoint", default=None, metavar="PATH",
                    help="load model weights from a local file (timm state dict or mskd-fast checkpoint)")
     m.add_argument("--num-classes", type=int, default=None,

@@ -142,19 +142,57 @@ def test_eval_twin_shares_tensors_and_never_updates_bn_stats():
     assert not twin.training and model.training
 
 
-def test_pretrained_missing_is_a_clear_error_or_random_init_when_allowed(tmp_path, monkeypatch):
+def test_pretrained_missing_offline_is_a_clear_error_or_random_init_when_allowed(tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
+    import timm.models._builder as builder
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(builder, "load_pretrained", lambda *a, **k: pytest.fail("offline: nothing may download"))
     torch.hub.set_dir(str(tmp_path / "torchhub"))
     try:
         assert find_cached_pretrained("resnet10t") is None
-        with pytest.raises(PretrainedWeightsMissing, match="never downloads.*--allow-random-init"):
+        with pytest.raises(PretrainedWeightsMissing,
+                           match=r"offline \(HF_HUB_OFFLINE=1\).*--initial-checkpoint PATH.*--allow-random-init"):
             create_model("resnet10t", 3, pretrained=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             model, note = create_model("resnet10t", 3, pretrained=True, allow_random_init=True)
         assert "random init" in note and any("Continuing from random init" in str(w.message) for w in caught)
+    finally:
+        torch.hub.set_dir(os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub"))
+
+
+def test_pretrained_online_downloads_through_timms_own_loader(tmp_path, monkeypatch):
+    """Not cached, hub online: timm's load_pretrained (which downloads through the Hugging Face hub) is called
+    with the model's pretrained config; a failing download is the clear error. (No network here: the loader is
+    replaced by one that records the call.)"""
+    import huggingface_hub.constants as hf_constants
+    import timm.models._builder as builder
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    torch.hub.set_dir(str(tmp_path / "torchhub"))
+    calls = []
+
+    def fake_load_pretrained(model, pretrained_cfg=None, num_classes=1000, *args, **kwargs):
+        calls.append((type(model).__name__, pretrained_cfg["hf_hub_id"], num_classes))
+        with torch.no_grad():
+            model.conv1[0].weight.fill_(0.5)  # as if the downloaded weights were loaded
+
+    try:
+        monkeypatch.setattr(builder, "load_pretrained", fake_load_pretrained)
+        model, note = create_model("resnet10t", 3, pretrained=True)
+        assert calls == [("ResNet", "timm/resnet10t.c3_in1k", 0)] and "downloaded by timm" in note
+        assert torch.all(model.backbone.conv1[0].weight == 0.5) and model.fc.weight.shape == (3, 512)
+
+        def failing(*args, **kwargs):
+            raise OSError("Connection refused")
+
+        monkeypatch.setattr(builder, "load_pretrained", failing)
+        with pytest.raises(PretrainedWeightsMissing, match="downloading them failed .OSError: Connection refused."):
+            create_model("resnet10t", 3, pretrained=True)
     finally:
         torch.hub.set_dir(os.path.join(os.path.expanduser("~"), ".cache", "torch", "hub"))
 

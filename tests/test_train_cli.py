@@ -137,8 +137,10 @@ def test_pretrained_weights_missing_offline(capsys, tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(_tiny(tmp_path, "--pretrained")) == 2
-    assert "never downloads" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "offline (HF_HUB_OFFLINE=1)" in err and "--initial-checkpoint PATH" in err
 
 
 def test_parse_kwargs_values_are_literals():
