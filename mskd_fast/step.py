@@ -280,22 +280,38 @@ class TrainStep:
         self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)
         self.nonfinite_max_streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.sd_scale: torch.Tensor | None = None  # set_sd_scale: a warm-up factor on the SD weights (MSKD)
         self.compiled = None
         if compile and method is not None:
             method.compile(fullgraph=fullgraph)
         elif compile:
             self.compiled = torch.compile(self.forward_loss, fullgraph=fullgraph, dynamic=False)
 
+    def set_sd_scale(self, value: float | None) -> None:
+        """Scale MSKD's self-distillation weights by ``value`` from the next step on (``None``: unscaled).
+
+        Kept in one 0-dim device tensor that is updated in place, so a compiled forward sees the new value
+        without recompiling and nothing waits for the device.
+        """
+        if value is None:
+            self.sd_scale = None
+        elif self.sd_scale is None:
+            self.sd_scale = torch.full((), float(value), device=self.device)
+        else:
+            self.sd_scale.fill_(float(value))
+
     # ------------------------------------------------------------------ forward region
     def forward_loss(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor | None,
-                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None, diagnose: bool = False):
+                     next_images: torch.Tensor | None, q_prev: torch.Tensor | None, diagnose: bool = False,
+                     sd_scale: torch.Tensor | None = None):
         """Forward part of the step; returns ``(total, terms, q_next)`` (and ``diagnostics`` when ``diagnose``).
 
         ``images (B,3,H,W)``, ``targets (B,C)``, ``boxes (B,S,4)`` or ``None`` (no crops), ``next_images
         (B',3,H,W)`` or ``None`` (no look-ahead), ``q_prev (B,C)`` or ``None``. ``q_next (B',C)``: teacher
         logits of ``next_images`` (float32, no grad), or ``None``. ``terms``: MSKDLoss terms (detached).
         ``diagnose``: also return :func:`mskd_fast.diagnostics.gradient_diagnostics` of the weighted terms on
-        the classifier (eager only; a few head-only ``autograd.grad`` calls).
+        the classifier (eager only; a few head-only ``autograd.grad`` calls). ``sd_scale``: 0-dim factor on the
+        self-distillation weights (``MSKDLoss``'s), or ``None``.
         """
         from mskd_fast import ops
 
@@ -327,10 +343,11 @@ class TrainStep:
                 q, r = self.model(images, boxes)
             else:
                 q, r = self.model(images), None
+            scale = {} if sd_scale is None else {"sd_scale": sd_scale}
             if not diagnose:
-                total, terms = self.loss_fn(q, r, o, q_prev, targets)
+                total, terms = self.loss_fn(q, r, o, q_prev, targets, **scale)
                 return total, terms, q_next
-            total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True)
+            total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True, **scale)
         from mskd_fast.diagnostics import gradient_diagnostics
 
         diag = gradient_diagnostics(parts, unwrap(self.model).fc.parameters(), q)
@@ -371,9 +388,10 @@ class TrainStep:
         if self.method is not None:  # the one dispatch point: every method but mskd/vanilla owns its forward
             total, terms, q_next, diag = self._method_forward(images, targets, sample_ids, epoch, diagnose)
         elif diagnose:
-            total, terms, q_next, diag = self.forward_loss(images, targets, boxes, look_ahead, q_prev, diagnose=True)
+            total, terms, q_next, diag = self.forward_loss(images, targets, boxes, look_ahead, q_prev, diagnose=True,
+                                                           sd_scale=self.sd_scale)
         else:
-            total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev)
+            total, terms, q_next = fn(images, targets, boxes, look_ahead, q_prev, sd_scale=self.sd_scale)
         loss_bad = ~torch.isfinite(total)
         if self.scaler is not None:
             self.scaler.scale(total).backward()

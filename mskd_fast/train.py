@@ -243,6 +243,8 @@ class Trainer:
                                lsd_terms=args.lsd_terms, rsd_teacher_reduce=args.rsd_teacher_reduce,
                                rsd_crop_temperature=args.rsd_crop_temperature, backend=args.loss_backend, **use)
         source = loss_fn if self.method is None else self.method
+        self.sd_warmup_steps = (int(round(args.sd_warmup_epochs * self.steps_per_epoch))
+                                if args.method == "mskd" else 0)
         self.diag_keys = diagnostic_keys(("loss", *source.diagnostic_terms))
         config = StepConfig(method=args.method, crops=args.crops, crop_mode=args.crop_mode,
                             clip_grad=args.clip_grad or None, amp_dtype=self.amp_dtype,
@@ -411,6 +413,8 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 return self._stop("signal", cur) if self.stop_signal is not None else self._stop_bad_image(exc, cur)
+            if self.sd_warmup_steps:
+                self.step.set_sd_scale(self._sd_scale(self.global_step))
             diagnose = self.global_step % a.log_interval == 0
             out = self.step(images, targets, None if nxt is None else nxt[2][0], diagnose=diagnose, sample_ids=ids,
                             epoch=epoch)
@@ -447,6 +451,10 @@ class Trainer:
 
             self._say(final_summary(self))
         return 0
+
+    def _sd_scale(self, step: int) -> float:
+        """The self-distillation warm-up factor of optimizer step ``step`` (0-based): ``(step+1) / W``, then 1."""
+        return min(1.0, (step + 1) / self.sd_warmup_steps)
 
     def _check_look_ahead(self, images, ids) -> None:
         """First step after a resume: drop the saved S-SD logits unless they are for this very batch."""
@@ -485,6 +493,8 @@ class Trainer:
         row["nonfinite_skipped"] = int(means[-1])
         row["steps_counted"] = st.steps - row["nonfinite_skipped"]
         row.update(st.diag_means())
+        if self.sd_warmup_steps:
+            row["sd_scale"] = self._sd_scale(self.global_step - 1)
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         row["lr_backbone"] = self.optimizer.param_groups[0]["lr"]
         row["img_s"] = st.samples / max(st.train_time, 1e-9)
