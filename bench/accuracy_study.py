@@ -59,16 +59,19 @@ from study_fashion import pm as _pm  # noqa: E402
 PROFILES = {
     # The real-object study (docs/ACCURACY.md, "Real objects"): fashion-multi composites, a backbone pretrained here
     # on single Fashion-MNIST items (bench/fashion_pretrain.py), fine-tuned with the authors' regime (backbone LR
-    # 0.1x, weight decay 1e-4, no warm-up). Variants and decision rules: bench/study_fashion.py.
+    # 0.1x, weight decay 1e-4, no warm-up). Variants and decision rules: bench/study_fashion.py. The head LR was
+    # calibrated with vanilla only, on val, seed 1 (docs/ACCURACY.md): 0.02 / 0.05 / 0.1 / 0.2 / 0.4 / 0.8 / 1.6 gave
+    # 63.7 / 69.1 / 72.0 / 74.3 / 75.8 / 77.4 / 78.0 val mAP; 0.8 was taken (1.6's +0.5 is within one seed's noise;
+    # the lower LR is the closer to the paper's regime). The gpu variant's LR is the CPU one, not re-calibrated.
     "fashion": dict(
         suite="fashion", dataset="fashion-multi", model="resnet10t", model_kwargs=("output_stride=16",), img_size=64,
-        synthetic_img_size=64, synthetic_size=1250, synthetic_test_size=1500, batch_size=32, epochs=8, lr=0.02,
+        synthetic_img_size=64, synthetic_size=1250, synthetic_test_size=1500, batch_size=32, epochs=8, lr=0.8,
         warmup_epochs=0, weight_decay=1e-4, amp=False, workers=0, loader="torch", randaugment=False, threads=1,
         jobs=2, pretrain=dict(epochs=3, lr=0.1, items=None),
     ),
     "fashion-gpu": dict(
         suite="fashion", dataset="fashion-multi", model="resnet18", model_kwargs=(), img_size=128,
-        synthetic_img_size=128, synthetic_size=5000, synthetic_test_size=3000, batch_size=64, epochs=12, lr=0.02,
+        synthetic_img_size=128, synthetic_size=5000, synthetic_test_size=3000, batch_size=64, epochs=12, lr=0.8,
         warmup_epochs=0, weight_decay=1e-4, amp=True, workers=8, loader="auto", randaugment=True, threads=0, jobs=1,
         pretrain=dict(epochs=5, lr=0.1, items=None),
     ),

@@ -14,7 +14,9 @@ Phase 1 (seeds 1-3 each):
 * the **label-push control** ``ud``: BCE + c x the partial-softmax cross-entropy, no crops, no teacher, no
   self-distillation (T = 4), c in :data:`UD_GRID`;
 * **S-SD alone with the paper-form MBD** (``--recipe paper --no-lsd --no-rsd --lambda L``), L in
-  :data:`SSD_GRID`, the one variant at vanilla's level in the issue's trial.
+  :data:`SSD_GRID`, the one variant at vanilla's level in the issue's trial;
+* the paper's comparison methods (:data:`METHODS`: TF-KD, PS-KD, DLB, DDGSD, USKD, MulSupCon) at their
+  defaults (docs/METHODS.md); they are reported, never candidates for the MSKD default.
 
 Rules applied after phase 1 (val only):
 
@@ -83,7 +85,12 @@ def ssd_variant(lam: float, *extra: str, epochs_factor: int = 1, suffix: str = "
 
 UD = tuple(ud_variant(c) for c in UD_GRID)
 SSD = tuple(ssd_variant(lam) for lam in SSD_GRID)
-PHASE1 = (VANILLA, STABLE, PAPER, OFFICIAL, STABLE_CORNERS, STABLE_BN_BATCH, STABLE_CROP_T, *UD, *SSD)
+# The paper's comparison methods (docs/METHODS.md), each at its own paper's/code's defaults (the trainer's).
+METHODS = tuple(Variant(name, label, ("--method", name), kind="method", terms=()) for name, label in (
+    ("tfkd", "TF-KD (teacher-free KD)"), ("pskd", "PS-KD (progressive self-KD)"), ("dlb", "DLB (last mini-batch)"),
+    ("ddgsd", "DDGSD (two distorted views)"), ("uskd", "USKD (normalised KD, aux head)"),
+    ("mulsupcon", "MulSupCon (joint, supervised contrastive)")))
+PHASE1 = (VANILLA, STABLE, PAPER, OFFICIAL, STABLE_CORNERS, STABLE_BN_BATCH, STABLE_CROP_T, *UD, *SSD, *METHODS)
 
 
 def ablations(base: Variant) -> list[Variant]:

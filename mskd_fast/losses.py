@@ -197,9 +197,13 @@ class MSKDLoss(nn.Module):
         on = (("lsd", self.use_lsd), ("rsd", self.use_rsd), ("ssd", self.use_ssd))
         return ("bce", *(name for name, flag in on if flag))
 
-    def forward(self, q, r, o, q_prev, targets, return_parts: bool = False):
+    def forward(self, q, r, o, q_prev, targets, return_parts: bool = False, sd_scale=None):
         """``(total, terms)``; with ``return_parts`` also the weighted, differentiable terms (training
-        diagnostics, :mod:`mskd_fast.diagnostics`): ``{"bce", "lsd": iota*L_LSD, ...}`` for the terms on."""
+        diagnostics, :mod:`mskd_fast.diagnostics`): ``{"bce", "lsd": iota*L_LSD, ...}`` for the terms on.
+
+        ``sd_scale`` (float or 0-dim tensor, ``None`` = 1): a factor on the three self-distillation weights,
+        for a warm-up of self-distillation (the trainer's ``--sd-warmup-epochs``); ``terms`` stay unweighted.
+        """
         check_float("q", q)
         check_rank("q", q, 2, "(B, C)")
         check_targets("targets", targets, "q", q)
@@ -215,7 +219,7 @@ class MSKDLoss(nn.Module):
         lsd = rsd = ssd = zero
         if self.use_lsd:
             lsd = ops.relation_loss(r, o, delta=self.delta, terms=self.lsd_terms, backend=self.backend)
-            parts["lsd"] = self.iota * lsd
+            parts["lsd"] = self._weight(self.iota, sd_scale) * lsd
             total = total + parts["lsd"]
         if self.use_rsd:
             z = ops.reconstruct_logits(o, q.detach(), targets, layers=self.layers,
@@ -225,16 +229,20 @@ class MSKDLoss(nn.Module):
             if self.rsd_teacher_scale == "match":
                 z = ops.match_logit_scale(z, q.detach())
             rsd = self.distill(q, z, targets)
-            parts["rsd"] = self.kappa * rsd
+            parts["rsd"] = self._weight(self.kappa, sd_scale) * rsd
             total = total + parts["rsd"]
         if self.use_ssd:
             parts["ssd"] = zero
             if q_prev is not None:
                 ssd = self.distill(q, q_prev.detach(), targets)
-                parts["ssd"] = self.lam * ssd
+                parts["ssd"] = self._weight(self.lam, sd_scale) * ssd
                 total = total + parts["ssd"]
         terms = {name: t.detach().float() for name, t in (("bce", bce), ("lsd", lsd), ("rsd", rsd), ("ssd", ssd))}
         return (total, terms, parts) if return_parts else (total, terms)
+
+    @staticmethod
+    def _weight(weight: float, sd_scale):
+        return weight if sd_scale is None else weight * sd_scale
 
     def extra_repr(self) -> str:
         return (

@@ -107,6 +107,7 @@ class MSKD(SelfDistillationMethod):
         object.__setattr__(self, "_teacher", None)  # not a sub-module: mskd.train() must not flip its mode
         self.snapshot = ParameterSnapshot(self.core, lambda: self._teacher) if use_ssd else None
         self._eager_call = False
+        self.sd_scale: torch.Tensor | None = None  # set_sd_scale: a warm-up factor on the SD weights
         self._tie_teacher()
 
     # ------------------------------------------------------------------ settings
@@ -170,15 +171,16 @@ class MSKD(SelfDistillationMethod):
                                  self._generator(images.device), images.device)
         ssd = self.snapshot is not None and self.snapshot.teacher_module() is not None
         self._eager_call = self.snapshot is not None and not ssd
-        return {"images": images, "targets": targets, "boxes": boxes, "ssd": ssd}
+        return {"images": images, "targets": targets, "boxes": boxes, "ssd": ssd, "sd_scale": self.sd_scale}
 
     def use_compiled(self) -> bool:
         return not self._eager_call  # the first call of a run (no S-SD teacher yet) runs eagerly: one graph
 
     def compute(self, images: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor | None = None,
-                ssd: bool = False) -> dict[str, torch.Tensor]:
+                ssd: bool = False, sd_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Steps 2-5 of the module docstring (tensors only; compiled by :meth:`compile`). ``boxes (B,S,4)`` or
-        ``None`` (no crops); ``ssd``: forward ``images`` through the S-SD snapshot (it must hold a teacher)."""
+        ``None`` (no crops); ``ssd``: forward ``images`` through the S-SD snapshot (it must hold a teacher);
+        ``sd_scale``: 0-dim factor on the three self-distillation weights (:meth:`set_sd_scale`) or ``None``."""
         from mskd_fast import ops
 
         batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
@@ -197,8 +199,20 @@ class MSKD(SelfDistillationMethod):
             q, r = self.student(images, boxes)
         else:
             q, r = self.student(images), None
-        total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True)
+        scale = {} if sd_scale is None else {"sd_scale": sd_scale}
+        total, terms, parts = self.loss_fn(q, r, o, q_prev, targets, return_parts=True, **scale)
         return self.terms_out(total, q, parts, **terms)
+
+    def set_sd_scale(self, value: float | None) -> None:
+        """Scale the self-distillation weights (iota, kappa, lambda) by ``value`` from the next call on (``None``:
+        unscaled), e.g. a warm-up from 0. Kept in one 0-dim tensor updated in place (an input of the compiled
+        region: a new value needs no recompilation and no host sync)."""
+        if value is None:
+            self.sd_scale = None
+        elif self.sd_scale is None:
+            self.sd_scale = torch.full((), float(value), device=next(self.core.parameters()).device)
+        else:
+            self.sd_scale.fill_(float(value))
 
     # ------------------------------------------------------------------ distributed
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> MSKD:

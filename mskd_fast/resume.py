@@ -63,6 +63,8 @@ def merge_resume_args(args: argparse.Namespace, explicit: set[str], blob: dict):
     merged = argparse.Namespace(**saved)
     if "recipe" not in saved:  # written before the recipes existed: those runs used the paper's equations
         merged.recipe, merged.mbd_form, merged.rsd_teacher_scale = "paper", "paper", "none"
+    if "sd_warmup_epochs" not in saved:
+        merged.sd_warmup_epochs = 0.0
     if "lsd_terms" not in saved:  # written before the official recipe: SPEC 3/4 as they were then
         merged.lsd_terms, merged.rsd_teacher_reduce, merged.rsd_crop_temperature = "both", "sum", 1.0
     for key in RESUME_OVERRIDABLE:

@@ -168,6 +168,13 @@ class TrainStep:
         if compile:
             method.compile(fullgraph=fullgraph)
 
+    def set_sd_scale(self, value: float | None) -> None:
+        """Scale MSKD's self-distillation weights by ``value`` from the next step on (``None``: unscaled); see
+        :meth:`mskd_fast.MSKD.set_sd_scale` (the trainer's ``--sd-warmup-epochs``)."""
+        if not hasattr(self.method, "set_sd_scale"):
+            raise ValueError(f"method {self.method.name!r} has no self-distillation weights to scale")
+        self.method.set_sd_scale(value)
+
     # ------------------------------------------------------------------ full step
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, *, diagnose: bool = False,
                  sample_ids: torch.Tensor | None = None, epoch: int = 0) -> dict[str, torch.Tensor]:

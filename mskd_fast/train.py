@@ -102,6 +102,8 @@ class Trainer:
 
         parts = build_run(args, ctx, resume_blob, None if resume is None else resume.path)
         self.__dict__.update(vars(parts))
+        self.sd_warmup_steps = (int(round(args.sd_warmup_epochs * self.steps_per_epoch))
+                                if args.method == "mskd" else 0)
 
         # ---- counters and state
         self.epoch = 0            # epochs completed
@@ -250,6 +252,8 @@ class Trainer:
                 if bar is not None:
                     bar.close()
                 return self._stop("signal") if self.stop_signal is not None else self._stop_bad_image(exc)
+            if self.sd_warmup_steps:
+                self.step.set_sd_scale(self._sd_scale(self.global_step))
             diagnose = self.global_step % a.log_interval == 0
             out = self.step(images, targets, diagnose=diagnose, sample_ids=ids, epoch=epoch)
             self.epoch_stats.add(out)
@@ -286,6 +290,10 @@ class Trainer:
             self._say(final_summary(self))
         return 0
 
+    def _sd_scale(self, step: int) -> float:
+        """The self-distillation warm-up factor of optimizer step ``step`` (0-based): ``(step+1) / W``, then 1."""
+        return min(1.0, (step + 1) / self.sd_warmup_steps)
+
     def _log_window(self, bar, epoch: int, i: int, rate: float) -> str | None:
         """Read the device counters (one host sync), show progress; returns a stop reason or ``None``."""
         from mskd_fast.train_log import progress_text
@@ -313,6 +321,8 @@ class Trainer:
         row["nonfinite_skipped"] = int(means[-1])
         row["steps_counted"] = st.steps - row["nonfinite_skipped"]
         row.update(st.diag_means())
+        if self.sd_warmup_steps:
+            row["sd_scale"] = self._sd_scale(self.global_step - 1)
         row["lr"] = self.optimizer.param_groups[-1]["lr"]
         row["lr_backbone"] = self.optimizer.param_groups[0]["lr"]
         row["img_s"] = st.samples / max(st.train_time, 1e-9)

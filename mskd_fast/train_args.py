@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--no-rsd", action="store_true", help="ablation: drop R-SD")
     k.add_argument("--no-ssd", action="store_true", help="ablation: drop S-SD")
     k.add_argument("--no-mbd", action="store_true", help="ablation: softmax KD instead of MBD in R-SD and S-SD")
+    k.add_argument("--sd-warmup-epochs", type=float, default=0.0,
+                   help="warm-up of self-distillation: iota, kappa and lambda rise linearly from 0 to their values "
+                        "over this many epochs (0 = off, the paper). Helps MSKD from random initialisation, where the "
+                        "first steps' self-distillation can collapse training (docs/TRAINING.md)")
     k.add_argument("--teacher-bn", choices=("eval", "batch"), default="eval",
                    help="teacher BatchNorm: running statistics (eval, SPEC 5) or, as an opt-in experiment for "
                         "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
@@ -343,6 +347,8 @@ def validate(args: argparse.Namespace) -> None:
     _need(finite(args.gamma_neg) and args.gamma_neg >= 0, "--gamma-neg", ">= 0", args.gamma_neg)
     _need(args.gp_layers >= 0, "--gp-layers", ">= 0", args.gp_layers)
     _need(finite(args.delta) and args.delta > 0, "--delta", "> 0", args.delta)
+    _need(finite(args.sd_warmup_epochs) and 0 <= args.sd_warmup_epochs <= args.epochs, "--sd-warmup-epochs",
+          f"in [0, --epochs={args.epochs}]", args.sd_warmup_epochs)
     _need(finite(args.rsd_crop_temperature) and args.rsd_crop_temperature > 0, "--rsd-crop-temperature", "> 0",
           args.rsd_crop_temperature)
     for flag, value in (("--iota", args.iota), ("--kappa", args.kappa), ("--lambda", args.lam)):

@@ -53,7 +53,8 @@ def header(t) -> str:
                      f"gamma+={a.gamma_pos} gamma-={a.gamma_neg} layers={a.gp_layers} iota={a.iota} "
                      f"kappa={a.kappa} lambda={a.lam} L-SD terms {a.lsd_terms} R-SD teacher {a.rsd_teacher_reduce} "
                      f"crop-T {a.rsd_crop_temperature} | L-SD {not a.no_lsd} R-SD {not a.no_rsd} "
-                     f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}")
+                     f"S-SD {not a.no_ssd} MBD {not a.no_mbd} | teacher BN {a.teacher_bn}"
+                     + (f" | SD warm-up {a.sd_warmup_epochs} epochs" if getattr(a, "sd_warmup_epochs", 0) else ""))
     elif a.method != "vanilla":
         lines.append(f"  {t.method.title}: {t.method.describe()}")
     lines.extend(f"  chosen: {note}" for note in t.notes)

@@ -209,4 +209,7 @@ def test_fashion_rules(study):
     assert p2[-1].epochs_factor == 2 and "--teacher-bn" in p2[-2].flags and "0.25" in p2[-1].flags
     names = [v.name for v in sf.PHASE1]
     assert len(set(names)) == len(names)
-    assert {v.kind for v in sf.PHASE1} == {"vanilla", "mskd", "control"}
+    assert {v.kind for v in sf.PHASE1} == {"vanilla", "mskd", "control", "method"}
+    from mskd_fast.methods import METHODS
+
+    assert {v.name for v in sf.METHODS} | {"ud"} == set(METHODS)  # every comparison method is in the study

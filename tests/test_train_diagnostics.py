@@ -99,3 +99,33 @@ def test_new_flags_are_validated(flag, value, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([flag, value, "--output", str(tmp_path)])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sd_scale_multiplies_only_the_self_distillation_weights():
+    from mskd_fast.losses import MSKDLoss
+
+    q = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    r, o = torch.randn(4, 3, 6, dtype=torch.float64), torch.randn(4, 3, 6, dtype=torch.float64)
+    q_prev, y = torch.randn(4, 6, dtype=torch.float64), (torch.rand(4, 6) < 0.4).double()
+    loss = MSKDLoss(backend="reference")
+    full, terms, parts = loss(q, r, o, q_prev, y, return_parts=True)
+    half, terms_half, parts_half = loss(q, r, o, q_prev, y, return_parts=True, sd_scale=torch.tensor(0.5))
+    assert torch.equal(parts_half["bce"], parts["bce"])
+    for name in ("lsd", "rsd", "ssd"):
+        torch.testing.assert_close(parts_half[name], 0.5 * parts[name])
+        assert torch.equal(terms_half[name], terms[name])  # the reported terms stay unweighted
+    torch.testing.assert_close(half, parts["bce"] + 0.5 * (full - parts["bce"]))
+    zero, _ = loss(q, r, o, q_prev, y, sd_scale=0.0)
+    torch.testing.assert_close(zero, parts["bce"])
+
+
+@pytest.mark.slow
+def test_sd_warmup_ramps_the_weights_and_is_recorded(cache, tmp_path, capsys):
+    argv = tiny_run_argv(cache, tmp_path, "warm", "--sd-warmup-epochs", "1.5", epochs=2)  # 4 steps an epoch
+    assert main(argv) == 0
+    rows = summary_rows(tmp_path / "warm")
+    assert [float(r["sd_scale"]) for r in rows] == pytest.approx([4 / 6, 1.0], abs=1e-6)
+    assert "SD warm-up 1.5 epochs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(tiny_run_argv(cache, tmp_path, "bad", "--sd-warmup-epochs", "3", epochs=2))
+    assert "--sd-warmup-epochs must be in [0, --epochs=2]" in capsys.readouterr().err
