@@ -297,3 +297,18 @@ def test_timm_student_compiles_as_one_fullgraph_region():
         inputs = mskd.prepare(x, y, None, 0)
         explanation = torch._dynamo.explain(mskd.compute)(**inputs)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_sd_scale_weighs_only_the_self_distillation_terms():
+    model = _timm()
+    mskd = MSKD(model, seed=0)
+    x, y = _batch()
+    mskd(x, y)["loss"].backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    rng = mskd.generator.get_state()
+    full = mskd(x, y)
+    mskd.set_sd_scale(0.0)
+    mskd.generator.set_state(rng)
+    zero = mskd(x, y)
+    assert torch.equal(zero["loss"].detach(), zero["bce"]) and zero["ssd"] > 0  # terms stay unweighted
+    assert full["loss"] > full["bce"]

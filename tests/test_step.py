@@ -303,7 +303,8 @@ def test_float16_amp_uses_the_grad_scaler_and_skips_non_finite_steps():
 
 
 def test_compiled_region_is_traced_once_per_run():
-    """Steady state, a step after a non-finite one, and a diagnosed (eager) step reuse one graph."""
+    """Steady state, a step after a non-finite one, a diagnosed (eager) step and a new SD warm-up factor reuse one
+    graph."""
     torch._dynamo.reset()
     _, mskd, step = _setup(amp_dtype=torch.bfloat16)
     graphs = []
@@ -313,11 +314,13 @@ def test_compiled_region_is_traced_once_per_run():
         return gm.forward
 
     mskd.compile(fullgraph=True, backend=counting_backend)
+    step.set_sd_scale(0.25)  # --sd-warmup-epochs: a 0-dim input, updated in place
     x1, y1 = _batch(seed=1)
     x2, y2 = _batch(seed=2)
     step(x1, y1)  # first step: no S-SD teacher yet, eager
     assert not graphs
     step(x2, y2)
+    step.set_sd_scale(1.0)
     bad = x1.clone()
     bad[0, 0, 0, 0] = float("nan")
     assert step(bad, y1)["skipped"] == 1
