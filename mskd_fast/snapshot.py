@@ -58,7 +58,7 @@ class ParameterSnapshot:
         self.module: nn.Module | None = None
         self.teacher: dict[str, torch.Tensor] | None = None  # the tensors of `module`
         self.pending: dict[str, torch.Tensor] | None = None
-        self._updates: list = []  # since `pending` was taken: True (host) or a 0-dim device bool per step
+        self._updated = None  # since `pending` was taken: None (no step), True, or a 0-dim device bool
         self._versions: tuple | None = None  # parameter versions when `pending` was taken (None: take them next)
         self._bind()
         self._hook = register_optimizer_step_pre_hook(functools.partial(_on_optimizer_step, weakref.ref(self)))
@@ -94,7 +94,11 @@ class ParameterSnapshot:
             self._known[key] = holds
         if holds and self.pending is not None:
             found_inf = getattr(optimizer, "found_inf", None)
-            self._updates.append(True if found_inf is None else (found_inf == 0))
+            flag = True if found_inf is None else (found_inf == 0)
+            if self._updated is None or flag is True:
+                self._updated = flag
+            elif self._updated is not True:  # several possibly skipped steps: any of them updated
+                self._updated = torch.logical_or(self._updated, flag)
 
     def rebind(self) -> None:
         """The module's tensors were replaced (``Module.to``): re-read them and move the copies along."""
@@ -142,23 +146,17 @@ class ParameterSnapshot:
         """Apply the updates seen since ``pending`` was taken (see the module docstring); no-op without any."""
         if self._versions is None:  # fresh, or restored from a checkpoint: start from here
             self._versions = self._versions_now()
-            self._updates = []
+            self._updated = None
         if self.pending is None:
             self.pending = self._copy_live(None)
             self._versions = self._versions_now()
-            self._updates = []
+            self._updated = None
             return
-        updates = self._updates
-        if self._versions_now() != self._versions:
-            updates = [True]
-        if not updates:
+        updated = True if self._versions_now() != self._versions else self._updated
+        if updated is None:
             return
-        flags = [u for u in updates if u is not True]
-        updated = True
-        if len(flags) == len(updates):
-            updated = torch.stack(flags).any() if len(flags) > 1 else flags[0]
-            if updated.device.type == "cpu" or self.teacher is None:  # free on the CPU; once on a GPU
-                updated = bool(updated)
+        if updated is not True and (updated.device.type == "cpu" or self.teacher is None):
+            updated = bool(updated)  # free on the CPU; on a GPU once per run (whether a teacher exists at all)
         if updated is True:
             self._swap()
         elif updated is False:
@@ -169,7 +167,7 @@ class ParameterSnapshot:
                     torch.where(updated, self.pending[k], t, out=t)
             self._copy_live(self.pending)
         self._versions = self._versions_now()
-        self._updates = []
+        self._updated = None
 
     def teacher_module(self) -> nn.Module | None:
         """Refresh, then the module holding the tensors before the last update (``None`` before the first one)."""
@@ -184,7 +182,7 @@ class ParameterSnapshot:
         it equals the live tensors (right after an update), so a checkpoint holds one copy in the common case.
         """
         had_updates = self.pending is not None and self._versions is not None and (
-            bool(self._updates) or self._versions_now() != self._versions)
+            self._updated is not None or self._versions_now() != self._versions)
         if self.pending is not None:
             self.refresh()
         state = {}
@@ -214,4 +212,4 @@ class ParameterSnapshot:
             self.module = self.teacher = None
         self.pending = copies["pending"] or None
         self._versions = None
-        self._updates = []
+        self._updated = None

@@ -134,3 +134,12 @@ def test_prepare_distributed_wraps_only_the_student_and_trains(tmp_path):
             task(*_batches()[0])["loss"].backward()
     finally:
         dist.destroy_process_group()
+
+
+def test_compile_compiles_the_mskd_region_and_the_eval_model():
+    model, task, optimizer = _make()
+    eval_model = task.compile(backend="eager")
+    assert task.get_eval_model() is eval_model and eval_model is not model
+    _epoch(task, optimizer, _batches(), 0)  # steps 2-3 run the compiled region (step 1: no S-SD teacher yet)
+    state = task.get_checkpoint_state()["state_dict"]
+    assert set(state) == set(model.state_dict())  # the compiled wrapper does not leak into the keys

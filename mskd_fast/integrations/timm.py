@@ -87,13 +87,17 @@ class MSKDTask(TrainingTask):
 
     def compile(self, backend: str = "inductor", mode: str | None = None, **compile_kwargs) -> nn.Module:
         """Compile MSKD's tensor region (``fullgraph=True``) and the eval model; returns the latter."""
-        self.mskd.compile(fullgraph=True, backend=backend, mode=mode)
+        self._compile_args = dict(backend=backend, mode=mode)
+        self.mskd.compile(fullgraph=True, **self._compile_args)
         self.eval_model = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
         return self.eval_model
 
     def prepare_distributed(self, device_ids: list | None = None, **ddp_kwargs) -> MSKDTask:
-        """Wrap MSKD's student (only it) in ``DistributedDataParallel``; returns ``self``."""
+        """Wrap MSKD's student (only it) in ``DistributedDataParallel``; returns ``self``. After :meth:`compile`
+        (timm compiles first), the region is recompiled without ``fullgraph`` (DDP splits the graph at its buckets)."""
         self.mskd.prepare_distributed(device_ids=device_ids, **ddp_kwargs)
+        if getattr(self, "_compile_args", None) is not None:
+            self.mskd.compile(fullgraph=False, **self._compile_args)
         return self
 
     # ------------------------------------------------------------------ state
