@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fashion profiles: folder of the Fashion-MNIST IDX files (default: the Debian package's, "
                         "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--overwrite", action="store_true", help="re-train runs already finished in --output")
+    p.add_argument("--lr-check", type=float, nargs="+", default=None, metavar="LR",
+                   help="fashion profiles: after the decision, also train vanilla and the chosen MSKD variant at "
+                        "these head LRs (seeds as given), reported as an LR-sensitivity table")
     p.add_argument("--smoke", action="store_true",
                    help="fashion profiles: a smoke test of the study's machinery (one value per grid, four phase-1 "
                         "variants, one phase-2 run, no extra seeds); its numbers mean nothing")
@@ -650,6 +653,11 @@ def main_fashion(args, profile: str, settings: dict, device: str, out_dir: str, 
     mskd_all = [v for v in same_budget if v.kind == "mskd" and (v not in ssd_grid or v == ssd_best)]
     decision = fashion.choose_default({v.name: _candidate(v, seeds_all, settings, runs_dir) for v in mskd_all})
     variants = [*phase1, *phase2]
+    if args.lr_check and decision["chosen"] is not None:
+        chosen = next(v for v in mskd_all if v.name == decision["chosen"])
+        check = fashion.lr_check(chosen, args.lr_check)
+        run(check, seeds, f"LR check (vanilla and the default at LR {', '.join(map(str, args.lr_check))})")
+        variants += check
     runs = collect(variants, seeds_all, settings, runs_dir)
     decisions = {"ud_c": ud_best.name, "ssd_lambda": ssd_best.name, "phase1_best": best1, "default": decision,
                  "extra_seeds": [v.name for v in extra]}
@@ -673,7 +681,7 @@ def write_outputs_fashion(out_dir: str, runs: list[dict], variants: list, decisi
     info = machine_info(device)
     groups = [(v, [r for r in runs if r["variant"] == v.name]) for v in variants]
     groups = [(v, rs) for v, rs in groups if rs]
-    same = [(v, rs) for v, rs in groups if v.epochs_factor == 1]
+    same = [(v, rs) for v, rs in groups if v.epochs_factor == 1 and v.kind != "lr-check"]
     vanilla = next((rs for v, rs in groups if v.kind == "vanilla"), [])
     label = {v.name: v.label for v in variants}
     d = decisions["default"]
@@ -704,6 +712,11 @@ def write_outputs_fashion(out_dir: str, runs: list[dict], variants: list, decisi
         "## Recall by object size on test (percent of items whose class scored >= 0.5 in its image)", "",
         fashion.scale_table(same), "",
     ]
+    lr_rows = [(v, rs) for v, rs in groups if v.kind == "lr-check"]
+    if lr_rows:
+        base = [(v, rs) for v, rs in same if v.kind == "vanilla" or v.name == d["chosen"]]
+        md += ["## LR sensitivity (after the decision; same seeds, only the head LR differs)", "",
+               fashion.lr_table(base, lr_rows, settings["lr"]), ""]
     long = [(v, rs) for v, rs in groups if v.epochs_factor != 1]
     if long:
         md += ["## S-SD alone for twice the epochs: is its term bounded?", ""]

@@ -113,6 +113,13 @@ def phase2(best: Variant, ssd_best: Variant) -> list[Variant]:
             ssd_variant(float(lam), epochs_factor=2, suffix="-2x", label=", 2x epochs")]
 
 
+def lr_check(chosen: Variant, lrs: list[float]) -> list[Variant]:
+    """Vanilla and ``chosen`` at other head LRs (the trainer takes the last ``--lr``): an LR-sensitivity check
+    of the decision, run after it and never used by it."""
+    return [Variant(f"{v.name}-lr{lr:g}", f"{v.label}, LR {lr:g}", (*v.flags, "--lr", f"{lr:g}"), kind="lr-check",
+                    terms=v.terms) for lr in lrs for v in (VANILLA, chosen)]
+
+
 # ---------------------------------------------------------------------------------------------- statistics
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``nan`` std for a single value; NaNs ignored)."""
@@ -214,6 +221,25 @@ def scale_table(groups: list[tuple[Variant, list[dict]]]) -> str:
         cells = [f"[{row['bin_lo']:g}, {row['bin_hi']:g})", str(row["objects"])]
         cells += [pm([r["scale_recall"][k]["recall"] for r in rs if k < len(r["scale_recall"])]) for _, rs in groups]
         lines.append(_row(cells))
+    return "\n".join(lines) + "\n"
+
+
+def lr_table(base: list[tuple[Variant, list[dict]]], checks: list[tuple[Variant, list[dict]]], lr: float) -> str:
+    """val and test mAP of vanilla and the chosen variant at each LR, and the test gap (variant - vanilla)."""
+    by_lr: dict[float, dict[str, list[dict]]] = {lr: {("vanilla" if v.kind == "vanilla" else "mskd"): rs
+                                                      for v, rs in base}}
+    for v, rs in checks:
+        value = float(v.flags[v.flags.index("--lr") + 1])
+        by_lr.setdefault(value, {})["vanilla" if v.name.startswith(VANILLA.name + "-lr") else "mskd"] = rs
+    lines = _header(["head LR", "vanilla val mAP", "MSKD val mAP", "vanilla test mAP", "MSKD test mAP",
+                     "test gap (MSKD - vanilla)"])
+    for value in sorted(by_lr):
+        van, msk = by_lr[value].get("vanilla", []), by_lr[value].get("mskd", [])
+        gap = _mean([r["test"]["mAP"] for r in msk]) - _mean([r["test"]["mAP"] for r in van])
+        lines.append(_row([f"{value:g}" + (" (study)" if value == lr else ""),
+                           pm([r["val"]["mAP"] for r in van]), pm([r["val"]["mAP"] for r in msk]),
+                           pm([r["test"]["mAP"] for r in van]), pm([r["test"]["mAP"] for r in msk]),
+                           "-" if math.isnan(gap) else f"{gap:+.2f}"]))
     return "\n".join(lines) + "\n"
 
 

@@ -172,16 +172,18 @@ def test_fashion_smoke_study_runs_every_phase(study, tmp_path, capsys):
     fake = make_fake_fashion_mnist(str(tmp_path / "idx"))
     out = tmp_path / "study"
     argv = ["--profile", "fashion-tiny", "--smoke", "--device", "cpu", "--seeds", "1", "--output", str(out),
-            "--synthetic-cache", str(tmp_path / "cache"), "--fashion-dir", fake]
+            "--synthetic-cache", str(tmp_path / "cache"), "--fashion-dir", fake, "--lr-check", "0.1"]
     assert study.main(argv) == 0
     printed = capsys.readouterr().out
     assert "pretrained backbone written" in printed and "phase 1: 4 variants" in printed and "phase 2" in printed
     md = (out / "results.md").read_text()
     for heading in ("## Test split", "## Validation split", "## Gradient diagnostics", "## Decisions",
-                    "## Recall by object size"):
+                    "## Recall by object size", "## LR sensitivity"):
         assert heading in md, heading
     rows = _table_rows(md, "| run | seeds | mAP | OP |")
-    assert {"Vanilla (BCE)", "MSKD stable"} <= set(rows) and len(rows) == 5
+    assert {"Vanilla (BCE)", "MSKD stable"} <= set(rows) and len(rows) == 5  # the LR check has its own table
+    lr_rows = _table_rows(md, "| head LR |")
+    assert set(lr_rows) == {"0.05 (study)", "0.1"}
     for cells in rows.values():
         assert all(0.0 <= float(v) <= 100.0 for v in cells[1:10])  # the nine metrics
     doc = json.loads((out / "results.json").read_text())
