@@ -340,7 +340,14 @@ def read_run(run_dir: str, epochs: int) -> dict:
     with open(os.path.join(run_dir, "eval-test", "scale_recall.csv"), newline="") as fh:
         scale = [{"bin_lo": _float(r["bin_lo"]), "bin_hi": _float(r["bin_hi"]), "objects": int(r["objects"]),
                   "found": int(r["found"]), "recall": _float(r["recall"])} for r in csv.DictReader(fh)]
-    signals = {k: _float(last.get(k)) for k in ("top1_mode_frac", "max_abs_logit", "top1_classes", "collapse")}
+    signals = {k: _float(last.get(k)) for k in ("top1_mode_frac", "max_abs_logit", "top1_classes", "collapse",
+                                                 "bce_rise")}
+    # The flag is re-derived from the recorded signals with this checkout's guard (mskd_fast/collapse.py), so a
+    # guard corrected after a run was trained applies to it; the trainer's own flag is kept beside it.
+    from mskd_fast.collapse import collapse_reasons
+
+    signals["collapse_trainer"] = signals["collapse"]
+    signals["collapse"] = float(bool(collapse_reasons(signals)))
     return {
         "test": {k: _float(test[k]) for k in ALL_METRICS if k in test},  # mskd_fast.evaluate's flat metrics.json
         "val": {k: _float(last[k]) for k in ALL_METRICS if k in last},

@@ -40,6 +40,11 @@ def test_collapse_reasons_need_large_logits_with_one_class():
     assert collapse_reasons({"top1_mode_frac": 1.0, "max_abs_logit": 0.5, "bce_rise": 0.9}) == []
     assert len(collapse_reasons({"top1_mode_frac": 0.95, "max_abs_logit": 12.0})) == 1
     assert len(collapse_reasons({"top1_mode_frac": 0.2, "max_abs_logit": 80.0})) == 1
+    # large logits of a visibly healthy run (BCE at its lowest, top-1 classes spread) are not a collapse ...
+    assert collapse_reasons({"top1_mode_frac": 0.14, "max_abs_logit": 32.9, "bce_rise": 0.99}) == []
+    # ... but they are once BCE has risen or one class dominates
+    assert len(collapse_reasons({"top1_mode_frac": 0.14, "max_abs_logit": 32.9, "bce_rise": 1.2})) == 1
+    assert len(collapse_reasons({"top1_mode_frac": 0.6, "max_abs_logit": 32.9, "bce_rise": 0.99})) == 1
     assert len(collapse_reasons({"top1_mode_frac": 1.0, "max_abs_logit": 80.0, "bce_rise": 3.0})) == 3
     assert collapse_reasons({"top1_mode_frac": math.nan, "max_abs_logit": math.nan, "bce_rise": math.nan}) == []
     assert bce_rise(1.2, [0.6, 0.4]) == pytest.approx(3.0)
