@@ -27,15 +27,20 @@ __all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
 # SPEC 6 recipes: every setting a recipe fixes. ``iota`` of ``stable`` is the value chosen by the accuracy
 # study's validation rule (docs/ACCURACY.md). ``official`` reproduces the intent of the authors' public code
 # (../shared/notes/official-code.md): corner crops, iota = kappa = lambda = 1, one propagation layer, L-SD's
-# within-image term only, the R-SD teacher divided by S, the paper's MBD form. ``crop_mode`` is a setting of
-# the training step (``mskd_fast.step.StepConfig``), not of the loss.
+# within-image term only, the R-SD teacher divided by S, the paper's MBD form. ``terms`` are the
+# self-distillation terms a recipe switches on (``--no-lsd/--no-rsd/--no-ssd`` switch more off); ``crop_mode``
+# and ``teacher_bn`` are settings of the MSKD object (crops, teacher forward), not of the loss.
+_ALL_TERMS = ("lsd", "rsd", "ssd")
 RECIPES = {
     "stable": {"mbd_form": "divergence", "rsd_teacher_scale": "match", "iota": 0.15, "kappa": 2.0, "lam": 2.0,
-               "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random"},
+               "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random",
+               "terms": _ALL_TERMS, "teacher_bn": "eval"},
     "paper": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.5, "kappa": 2.0, "lam": 2.0,
-              "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random"},
+              "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random",
+              "terms": _ALL_TERMS, "teacher_bn": "eval"},
     "official": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.0, "kappa": 1.0, "lam": 1.0,
-                 "layers": 1, "lsd_terms": "patch", "rsd_teacher_reduce": "mean", "crop_mode": "corners"},
+                 "layers": 1, "lsd_terms": "patch", "rsd_teacher_reduce": "mean", "crop_mode": "corners",
+                 "terms": _ALL_TERMS, "teacher_bn": "eval"},
 }
 _RSD_TEACHER_SCALES = ("match", "none")
 RSD_TEACHER_REDUCE = ("sum", "mean")
@@ -127,7 +132,7 @@ class MSKDLoss(nn.Module):
     ``lsd_terms``: ``"both"`` or ``"patch"`` (L-SD's within-image term only). ``rsd_teacher_reduce``:
     ``"sum"`` (eq. 8) or ``"mean"`` (the reconstructed teacher divided by ``S``, as the authors' code).
     ``rsd_crop_temperature``: temperature of the softmax over crops in the reconstruction (1 = paper; a
-    departure when not 1).
+    departure when not 1). ``use_lsd``/``use_rsd``/``use_ssd`` left at ``None`` follow the recipe's ``terms``.
     """
 
     def __init__(
@@ -141,9 +146,9 @@ class MSKDLoss(nn.Module):
         gamma_neg: float = 1.0,
         layers: int | None = None,
         delta: float = 1.0,
-        use_lsd: bool = True,
-        use_rsd: bool = True,
-        use_ssd: bool = True,
+        use_lsd: bool | None = None,
+        use_rsd: bool | None = None,
+        use_ssd: bool | None = None,
         use_mbd: bool = True,
         recipe: str = "stable",
         mbd_form: str | None = None,
@@ -169,6 +174,10 @@ class MSKDLoss(nn.Module):
         check_mbd_args(temperature, omega, gamma_pos, gamma_neg, False, "mean", settings["mbd_form"])
         check_int("layers", layers, 0)
         check_positive("delta", delta)
+        on = settings["terms"]
+        use_lsd, use_rsd, use_ssd = (("lsd" in on) if use_lsd is None else use_lsd,
+                                     ("rsd" in on) if use_rsd is None else use_rsd,
+                                     ("ssd" in on) if use_ssd is None else use_ssd)
         for name, flag in (("use_lsd", use_lsd), ("use_rsd", use_rsd), ("use_ssd", use_ssd), ("use_mbd", use_mbd)):
             check_bool(name, flag)
         check_choice("backend", backend, BACKENDS)

@@ -62,8 +62,10 @@ class MSKD(SelfDistillationMethod):
         recipe: ``"stable"``, ``"paper"`` or ``"official"`` (:data:`mskd_fast.losses.RECIPES`); it sets the loss
             settings and the crop mode, each of which may be overridden.
         crops: ``S`` (``"corners"`` needs 4). crop_mode: ``"random"`` or ``"corners"`` (``None``: the recipe's).
-        use_lsd, use_rsd, use_ssd: the three self-distillation terms (ablations).
-        teacher_bn: ``"eval"`` (SPEC 5: running statistics) or ``"batch"`` (batch statistics, for from-scratch runs).
+        use_lsd, use_rsd, use_ssd: the three self-distillation terms (``None``: the recipe's ``terms``; ``False``
+            for the ablations).
+        teacher_bn: ``"eval"`` (SPEC 5: running statistics) or ``"batch"`` (batch statistics, for from-scratch
+            runs); ``None``: the recipe's.
         roi_mode: ROI pooling of a timm/protocol model's regions, ``"max"`` (default) or ``"avg"``.
         channels_last: memory format of the crops (``None``: that of the images).
         generator: a ``torch.Generator`` on the images' device for the crop boxes; else one is made on the first
@@ -79,7 +81,8 @@ class MSKD(SelfDistillationMethod):
     terms = ("bce", "lsd", "rsd", "ssd")
 
     def __init__(self, model: nn.Module, recipe: str = "stable", *, crops: int = 4, crop_mode: str | None = None,
-                 use_lsd: bool = True, use_rsd: bool = True, use_ssd: bool = True, teacher_bn: str = "eval",
+                 use_lsd: bool | None = None, use_rsd: bool | None = None, use_ssd: bool | None = None,
+                 teacher_bn: str | None = None,
                  roi_mode: str | None = None, channels_last: bool | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None, **loss_options):
         unknown = sorted(set(loss_options) - set(LOSS_OPTIONS))
@@ -92,6 +95,7 @@ class MSKD(SelfDistillationMethod):
         check_choice("crop_mode", crop_mode, CROP_MODES)
         if crop_mode == "corners" and crops != 4:
             raise ValueError(f"crop_mode 'corners' needs crops == 4, got {crops}")
+        teacher_bn = RECIPES[recipe]["teacher_bn"] if teacher_bn is None else teacher_bn
         check_choice("teacher_bn", teacher_bn, TEACHER_BN)
         if channels_last is not None and not isinstance(channels_last, bool):
             raise TypeError(f"channels_last must be None or a bool, got {channels_last!r}")
@@ -105,7 +109,7 @@ class MSKD(SelfDistillationMethod):
         self._generator_state = None
         self._tensor_ids = None
         object.__setattr__(self, "_teacher", None)  # not a sub-module: mskd.train() must not flip its mode
-        self.snapshot = ParameterSnapshot(self.core, lambda: self._teacher) if use_ssd else None
+        self.snapshot = ParameterSnapshot(self.core, lambda: self._teacher) if self.loss_fn.use_ssd else None
         self._eager_call = False
         self.sd_scale: torch.Tensor | None = None  # set_sd_scale: a warm-up factor on the SD weights
         self._tie_teacher()

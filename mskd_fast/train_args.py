@@ -48,7 +48,7 @@ PAPER_COCO = {"batch_size": 128, "lr": 0.1}
 # argparse dest -> key of mskd_fast.losses.RECIPES: flags whose default (None) comes from --recipe
 RECIPE_FLAGS = {"mbd_form": "mbd_form", "rsd_teacher_scale": "rsd_teacher_scale", "iota": "iota", "kappa": "kappa",
                 "lam": "lam", "gp_layers": "layers", "lsd_terms": "lsd_terms",
-                "rsd_teacher_reduce": "rsd_teacher_reduce", "crop_mode": "crop_mode"}
+                "rsd_teacher_reduce": "rsd_teacher_reduce", "crop_mode": "crop_mode", "teacher_bn": "teacher_bn"}
 
 
 class ParseKwargs(argparse.Action):
@@ -210,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up of self-distillation: iota, kappa and lambda rise linearly from 0 to their values "
                         "over this many epochs (0 = off, the paper). Helps MSKD from random initialisation, where the "
                         "first steps' self-distillation can collapse training (docs/TRAINING.md)")
-    k.add_argument("--teacher-bn", choices=("eval", "batch"), default="eval",
-                   help="teacher BatchNorm: running statistics (eval, SPEC 5) or, as an opt-in experiment for "
-                        "training from scratch, the teacher batch's own statistics (batch; running stats untouched)")
+    k.add_argument("--teacher-bn", choices=("eval", "batch"), default=None,
+                   help="teacher BatchNorm: running statistics (eval, SPEC 5) or the teacher batch's own statistics "
+                        "(batch; running stats untouched) (default: from --recipe)")
     k.add_argument("--loss-backend", choices=("auto", "reference", "triton"), default="auto",
                    help="loss kernels: fused Triton on CUDA (auto), or the PyTorch reference")
 
@@ -294,6 +294,9 @@ def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool
     overridden = [dest for dest in RECIPE_FLAGS if getattr(args, dest) is not None]
     for dest, key in RECIPE_FLAGS.items():
         setattr(args, dest, recipe[key])
+    for term in ("lsd", "rsd", "ssd"):  # the recipe's terms; --no-* switches more off
+        if term not in recipe["terms"]:
+            setattr(args, f"no_{term}", True)
     notes.append(f"recipe {args.recipe}: " + ", ".join(f"{dest}={getattr(args, dest)}" for dest in RECIPE_FLAGS)
                  + (f" (set by flag: {', '.join(overridden)})" if overridden else ""))
     if args.compile is None:

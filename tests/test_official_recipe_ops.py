@@ -117,7 +117,7 @@ def test_recipes_table_and_official_values():
     assert all(set(r) == keys for r in RECIPES.values())
     assert RECIPES["official"] == {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.0, "kappa": 1.0,
                                    "lam": 1.0, "layers": 1, "lsd_terms": "patch", "rsd_teacher_reduce": "mean",
-                                   "crop_mode": "corners"}
+                                   "crop_mode": "corners", "terms": ("lsd", "rsd", "ssd"), "teacher_bn": "eval"}
     loss = MSKDLoss(recipe="official")
     assert (loss.iota, loss.kappa, loss.lam, loss.layers, loss.lsd_terms, loss.rsd_teacher_reduce) == \
         (1.0, 1.0, 1.0, 1, "patch", "mean")
