@@ -75,7 +75,7 @@ def _make(variant: str, args):
         from mskd_fast import MSKD
         from mskd_fast.step import StepConfig, TrainStep
 
-        mskd = MSKD(model, generator=torch.Generator().manual_seed(2), channels_last=True)
+        mskd = MSKD(model, recipe="stable", generator=torch.Generator().manual_seed(2), channels_last=True)
         step = TrainStep(mskd, opt, None, StepConfig(amp_dtype=torch.bfloat16))
         return step, mskd, (lambda x, y, x_next: step(x, y))
     from mskd_fast.losses import MSKDLoss
@@ -83,7 +83,8 @@ def _make(variant: str, args):
 
     old = _old_step_module(args.ref)
     config = old.StepConfig(amp_dtype=torch.bfloat16, channels_last=True)
-    step = old.TrainStep(model, eval_twin(model), MSKDLoss(), opt, None, config, torch.Generator().manual_seed(2))
+    loss = MSKDLoss(recipe="stable")
+    step = old.TrainStep(model, eval_twin(model), loss, opt, None, config, torch.Generator().manual_seed(2))
     return step, None, (lambda x, y, x_next: step(x, y, x_next))
 
 

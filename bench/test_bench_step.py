@@ -130,12 +130,12 @@ def _make(kind, device, s):
     opt = build_optimizer(model, 0.01)
     gen = torch.Generator(device=device).manual_seed(1)
     if kind == "plain":
-        return PlainMSKDStep(model, teacher, MSKDLoss(), opt, config, gen, crops=s["crops"],
+        return PlainMSKDStep(model, teacher, MSKDLoss(recipe="stable"), opt, config, gen, crops=s["crops"],
                              compile=s["compile"]), teacher
     if kind in ("vanilla", "floor"):
         method = VanillaBCE(model, generator=gen, channels_last=True)
     else:  # mskd, mskd-diagnosed
-        method = MSKD(model, crops=s["crops"], generator=gen, channels_last=True)
+        method = MSKD(model, recipe="stable", crops=s["crops"], generator=gen, channels_last=True)
     step = TrainStep(method, opt, None, config, compile=s["compile"])
     return step, teacher
 

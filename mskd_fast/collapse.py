@@ -102,8 +102,8 @@ def collapse_reasons(signals: Mapping) -> list[str]:
 def advice(args) -> str:
     """What to try against a collapse, given the run's flags (``recipe``, ``lr``, ``pretrained``)."""
     tips = []
-    if getattr(args, "method", "mskd") == "mskd" and getattr(args, "recipe", None) != "stable":
-        tips.append("the stable recipe (--recipe stable)")
+    if getattr(args, "method", "mskd") == "mskd" and getattr(args, "recipe", None) not in ("stable", "step"):
+        tips.append("the default recipe (--recipe step) or the stable one (--recipe stable)")
     lr = getattr(args, "lr", None)
     tips.append(f"a lower --lr (this run: {lr:g})" if isinstance(lr, (int, float)) else "a lower --lr")
     if not getattr(args, "pretrained", False) and not getattr(args, "initial_checkpoint", None):

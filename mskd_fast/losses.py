@@ -22,7 +22,7 @@ from ._validation import (
 from .ops.mbd import check_mbd_args
 from .reference import LSD_TERMS, MBD_FORMS
 
-__all__ = ["MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
+__all__ = ["DEFAULT_RECIPE", "MBDLoss", "RelationLoss", "MSKDLoss", "RECIPES", "resolve_recipe"]
 
 # SPEC 6 recipes: every setting a recipe fixes. ``iota`` of ``stable`` is the value chosen by the accuracy
 # study's validation rule (docs/ACCURACY.md). ``official`` reproduces the intent of the authors' public code
@@ -41,7 +41,13 @@ RECIPES = {
     "official": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.0, "kappa": 1.0, "lam": 1.0,
                  "layers": 1, "lsd_terms": "patch", "rsd_teacher_reduce": "mean", "crop_mode": "corners",
                  "terms": _ALL_TERMS, "teacher_bn": "eval"},
+    # The default, chosen by the real-object accuracy study's validation rule (docs/ACCURACY.md): S-SD alone, the
+    # paper's MBD form, lambda = 0.1, a batch-statistics teacher. L-SD and R-SD are off (their settings unused).
+    "step": {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.5, "kappa": 2.0, "lam": 0.1,
+             "layers": 2, "lsd_terms": "both", "rsd_teacher_reduce": "sum", "crop_mode": "random",
+             "terms": ("ssd",), "teacher_bn": "batch"},
 }
+DEFAULT_RECIPE = "step"
 _RSD_TEACHER_SCALES = ("match", "none")
 RSD_TEACHER_REDUCE = ("sum", "mean")
 
@@ -150,7 +156,7 @@ class MSKDLoss(nn.Module):
         use_rsd: bool | None = None,
         use_ssd: bool | None = None,
         use_mbd: bool = True,
-        recipe: str = "stable",
+        recipe: str = DEFAULT_RECIPE,
         mbd_form: str | None = None,
         rsd_teacher_scale: str | None = None,
         lsd_terms: str | None = None,

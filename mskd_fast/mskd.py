@@ -40,7 +40,7 @@ import torch.nn as nn
 
 from mskd_fast._validation import check_choice, check_int
 from mskd_fast.boxes import CROP_MODES, sample_boxes
-from mskd_fast.losses import RECIPES, MSKDLoss
+from mskd_fast.losses import DEFAULT_RECIPE, RECIPES, MSKDLoss
 from mskd_fast.methods.base import SelfDistillationMethod
 from mskd_fast.models import batch_stat_twin, eval_twin
 from mskd_fast.snapshot import ParameterSnapshot
@@ -80,7 +80,7 @@ class MSKD(SelfDistillationMethod):
     title = "MSKD"
     terms = ("bce", "lsd", "rsd", "ssd")
 
-    def __init__(self, model: nn.Module, recipe: str = "stable", *, crops: int = 4, crop_mode: str | None = None,
+    def __init__(self, model: nn.Module, recipe: str = DEFAULT_RECIPE, *, crops: int = 4, crop_mode: str | None = None,
                  use_lsd: bool | None = None, use_rsd: bool | None = None, use_ssd: bool | None = None,
                  teacher_bn: str | None = None,
                  roi_mode: str | None = None, channels_last: bool | None = None,

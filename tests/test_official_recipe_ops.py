@@ -16,7 +16,7 @@ from _kernel_utils import (
 
 from mskd_fast import kernels, ops
 from mskd_fast import reference as ref
-from mskd_fast.losses import RECIPES, MSKDLoss, resolve_recipe
+from mskd_fast.losses import DEFAULT_RECIPE, RECIPES, MSKDLoss, resolve_recipe
 
 pytestmark = [pytest.mark.usefixtures("poisoned_outputs"), ignore_interpreter_nan_warnings]
 
@@ -112,7 +112,7 @@ def test_crop_temperature_is_checked(bad):
 
 
 def test_recipes_table_and_official_values():
-    assert set(RECIPES) == {"stable", "paper", "official"}
+    assert set(RECIPES) == {"stable", "paper", "official", "step"} and DEFAULT_RECIPE == "step"
     keys = set(RECIPES["stable"])
     assert all(set(r) == keys for r in RECIPES.values())
     assert RECIPES["official"] == {"mbd_form": "paper", "rsd_teacher_scale": "none", "iota": 1.0, "kappa": 1.0,
@@ -125,9 +125,9 @@ def test_recipes_table_and_official_values():
     with pytest.raises(ValueError, match="recipe"):
         MSKDLoss(recipe="authors")
     with pytest.raises(ValueError, match="lsd_terms"):
-        MSKDLoss(lsd_terms="batch")
+        MSKDLoss(recipe="stable", lsd_terms="batch")
     with pytest.raises(ValueError, match="rsd_teacher_reduce"):
-        MSKDLoss(rsd_teacher_reduce="max")
+        MSKDLoss(recipe="stable", rsd_teacher_reduce="max")
 
 
 def _inputs(b=4, s=4, c=7):
@@ -157,7 +157,7 @@ def test_official_loss_is_the_sum_of_its_documented_parts():
 
 def test_return_parts_are_the_weighted_terms_and_do_not_change_the_total():
     q, r, o, q_prev, y = _inputs()
-    loss = MSKDLoss(backend="reference")
+    loss = MSKDLoss(recipe="stable", backend="reference")
     plain_total, plain_terms = loss(q, r, o, q_prev, y)
     total, terms, parts = loss(q, r, o, q_prev, y, return_parts=True)
     assert torch.equal(total, plain_total) and terms.keys() == plain_terms.keys()
@@ -165,6 +165,19 @@ def test_return_parts_are_the_weighted_terms_and_do_not_change_the_total():
     torch.testing.assert_close(parts["lsd"], loss.iota * terms["lsd"].double())
     torch.testing.assert_close(parts["rsd"], loss.kappa * terms["rsd"].double())
     torch.testing.assert_close(parts["ssd"], loss.lam * terms["ssd"].double())
-    assert MSKDLoss(use_lsd=False, use_ssd=False).diagnostic_terms == ("bce", "rsd")
+    assert MSKDLoss(recipe="stable", use_lsd=False, use_ssd=False).diagnostic_terms == ("bce", "rsd")
     _, _, parts = loss(q, r, o, None, y, return_parts=True)  # first step: S-SD absent, a constant 0
     assert float(parts["ssd"]) == 0.0 and not parts["ssd"].requires_grad
+
+
+def test_default_recipe_step_is_s_sd_alone_with_the_paper_form():
+    assert RECIPES["step"]["terms"] == ("ssd",) and RECIPES["step"]["teacher_bn"] == "batch"
+    loss = MSKDLoss(backend="reference")  # the default recipe
+    assert (loss.recipe, loss.use_lsd, loss.use_rsd, loss.use_ssd, loss.lam, loss.mbd_form) == (
+        "step", False, False, True, 0.1, "paper")
+    q, _, _, q_prev, y = _inputs()
+    total, terms = loss(q, None, None, q_prev, y)  # no crops needed
+    torch.testing.assert_close(total, F.binary_cross_entropy_with_logits(q, y)
+                               + 0.1 * ref.mbd_loss(q, q_prev, y, form="paper"))
+    assert float(terms["lsd"]) == float(terms["rsd"]) == 0.0
+    assert MSKDLoss(recipe="step", use_lsd=True).use_lsd  # switches still override the recipe's terms

@@ -42,12 +42,17 @@ def test_spec_defaults_for_real_datasets():
     assert (args.momentum, args.weight_decay, args.clip_grad, args.sched) == (0.9, 5e-4, 10.0, "cosine")
     assert (args.crops, args.crop_mode, args.temperature, args.omega) == (4, "random", 4.0, 0.5)
     assert (args.gamma_pos, args.gamma_neg, args.gp_layers) == (0.25, 1.0, 2)
-    assert (args.kappa, args.lam, args.method, args.recipe) == (2.0, 2.0, "mskd", "stable")
-    assert (args.iota, args.mbd_form, args.rsd_teacher_scale) == (
+    # the default recipe is the accuracy study's choice: S-SD alone, paper MBD form, lambda 0.1, batch-stat teacher
+    assert (args.method, args.recipe, args.lam, args.mbd_form, args.teacher_bn) == (
+        "mskd", "step", 0.1, "paper", "batch")
+    assert args.no_lsd and args.no_rsd and not args.no_ssd and not args.no_mbd
+    stable, _ = _resolved(["--dataset", "voc", "--recipe", "stable"])
+    assert (stable.kappa, stable.lam, stable.gp_layers, stable.teacher_bn) == (2.0, 2.0, 2, "eval")
+    assert (stable.iota, stable.mbd_form, stable.rsd_teacher_scale) == (
         resolve_recipe("stable")["iota"], "divergence", "match")
+    assert not (stable.no_lsd or stable.no_rsd or stable.no_ssd or stable.no_mbd)
     paper, _ = _resolved(["--dataset", "voc", "--recipe", "paper"])
     assert (paper.iota, paper.mbd_form, paper.rsd_teacher_scale) == (1.5, "paper", "none")  # SPEC 6 as written
-    assert not (args.no_lsd or args.no_rsd or args.no_ssd or args.no_mbd)
     assert args.lr_backbone_mult == 1.0 and args.compile is False and args.channels_last
     coco, _ = _resolved(["--dataset", "coco"])
     assert (coco.batch_size, coco.lr) == (128, 0.1)

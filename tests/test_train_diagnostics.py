@@ -107,7 +107,7 @@ def test_sd_scale_multiplies_only_the_self_distillation_weights():
     q = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     r, o = torch.randn(4, 3, 6, dtype=torch.float64), torch.randn(4, 3, 6, dtype=torch.float64)
     q_prev, y = torch.randn(4, 6, dtype=torch.float64), (torch.rand(4, 6) < 0.4).double()
-    loss = MSKDLoss(backend="reference")
+    loss = MSKDLoss(recipe="stable", backend="reference")
     full, terms, parts = loss(q, r, o, q_prev, y, return_parts=True)
     half, terms_half, parts_half = loss(q, r, o, q_prev, y, return_parts=True, sd_scale=torch.tensor(0.5))
     assert torch.equal(parts_half["bce"], parts["bce"])
@@ -129,3 +129,18 @@ def test_sd_warmup_ramps_the_weights_and_is_recorded(cache, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(tiny_run_argv(cache, tmp_path, "bad", "--sd-warmup-epochs", "3", epochs=2))
     assert "--sd-warmup-epochs must be in [0, --epochs=2]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_recipe_trains_s_sd_alone_with_a_batch_statistics_teacher(cache, tmp_path, capsys):
+    argv = [a for a in tiny_run_argv(cache, tmp_path, "default", epochs=1, log_interval=1)]
+    at = argv.index("--recipe")
+    del argv[at:at + 2]  # no --recipe: the default
+    assert main(argv) == 0
+    args = yaml.safe_load((tmp_path / "default" / "args.yaml").read_text())["args"]
+    assert (args["recipe"], args["no_lsd"], args["no_rsd"], args["no_ssd"], args["teacher_bn"], args["lam"]) == (
+        "step", True, True, False, "batch", 0.1)
+    row = summary_rows(tmp_path / "default")[-1]
+    assert float(row["lsd"]) == float(row["rsd"]) == 0.0 and float(row["ssd"]) != 0.0
+    assert math.isfinite(float(row["gcos_ssd"])) and "gcos_lsd" not in row
+    assert "MSKD recipe step" in capsys.readouterr().out

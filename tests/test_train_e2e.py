@@ -113,9 +113,10 @@ def _assert_same_run(a, b):
         assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("stop_step", [4, 2], ids=["epoch_boundary", "mid_epoch"])
-def test_resume_is_exact(stop_step, cache, tmp_path, monkeypatch, capsys):
-    common = ("--deterministic", "--log-interval", "1")
+@pytest.mark.parametrize("stop_step, recipe", [(4, "stable"), (2, "stable"), (2, "step")],
+                         ids=["epoch_boundary", "mid_epoch", "mid_epoch_default_recipe"])
+def test_resume_is_exact(stop_step, recipe, cache, tmp_path, monkeypatch, capsys):
+    common = ("--deterministic", "--log-interval", "1", "--recipe", recipe)
     assert main(_argv(cache, tmp_path, "straight", *common)) == 0
     _stop_at(monkeypatch, stop_step)
     code = main(_argv(cache, tmp_path, "interrupted", *common))

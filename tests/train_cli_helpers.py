@@ -6,8 +6,12 @@ import os
 
 def tiny_run_argv(cache, out, name, *extra, epochs=2, size=64, test_size=24, batch=16, log_interval=2, lr=0.05):
     """``python -m mskd_fast.train`` flags of a tiny CPU run: a narrow resnet10t at 64 px on ``size`` synthetic
-    training images (cached in ``cache``), the torch loader in-process, run folder ``out/name``."""
-    return ["--synthetic-size", str(size), "--synthetic-test-size", str(test_size), "--synthetic-img-size", "64",
+    training images (cached in ``cache``), the torch loader in-process, run folder ``out/name``. The recipe is
+    ``stable`` (all three self-distillation terms) unless ``extra`` names one: the default recipe ``step`` keeps
+    S-SD only, and these tests exercise every term."""
+    recipe = [] if "--recipe" in extra else ["--recipe", "stable"]
+    return recipe + [
+            "--synthetic-size", str(size), "--synthetic-test-size", str(test_size), "--synthetic-img-size", "64",
             "--synthetic-cache", str(cache), "--img-size", "64", "-b", str(batch), "--epochs", str(epochs),
             "--model", "resnet10t", "--model-kwargs", "channels=(8,16,32,64)", "stem_width=8", "--loader", "torch",
             "-j", "0", "--no-progress", "--log-interval", str(log_interval), "--lr", str(lr), "--output", str(out),
