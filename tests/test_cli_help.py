@@ -48,7 +48,7 @@ def test_each_flag_states_its_default_at_most_once(name, capsys):
 def test_informative_defaults_are_still_shown(capsys):
     blocks = _flag_blocks(_help("train", capsys))
     assert "(default: 0.9)" in blocks["--momentum"]
-    assert "(default: stable)" in blocks["--recipe"]
+    assert "(default: step)" in blocks["--recipe"]
     assert "(default: True)" in blocks["--channels-last"]
     assert "default" not in blocks["--pretrained"]  # an off-by-default switch says nothing
     assert "(default 224;" in blocks["--img-size"]
