@@ -14,10 +14,16 @@ export CUDA_HOME
 export MAX_JOBS ?= 2
 PYTEST_ARGS ?=
 
-.PHONY: help venv install install-dev train test bench lint clean
+# The real-object dataset (fashion-multi) reads Fashion-MNIST from the Debian package dataset-fashion-mnist.
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+# --amp (bf16) where a CUDA GPU is visible; on a CPU bf16 is emulated unless it has AVX512-BF16/AMX.
+AMP_FLAG    ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo --amp)
+
+.PHONY: help venv install install-dev fashion-data train study test bench lint clean
 
 help:
-	@echo "make train   - install (with DALI) and train MSKD on the built-in synthetic dataset"
+	@echo "make train   - install (with DALI and Fashion-MNIST) and train MSKD on real-object composites (about 2 min)"
+	@echo "make study   - the real-object accuracy study (docs/ACCURACY.md; about 3 h on 2 CPU cores, restartable)"
 	@echo "make test    - install (with dev tools), run the test suite, then each benchmark once as a test"
 	@echo "make bench   - run the benchmark suite (pytest bench/ --benchmark-only)"
 	@echo "make lint    - ruff check"
@@ -42,8 +48,17 @@ install-dev: venv
 	@if $(STAMP) check dali-dev; then echo "mskd-fast[dev]: up to date, extension not rebuilt (make clean forces it)"; \
 	else $(PIP) install $(PIP_FLAGS) --no-build-isolation $(CONSTRAINTS) -e '.[dali,dev]' && $(STAMP) write dali-dev; fi
 
-train: install
-	$(PY) -m mskd_fast.train --amp
+fashion-data:
+	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist || \
+	  { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; }
+
+train: install fashion-data
+	$(PY) -m mskd_fast.train --dataset fashion-multi $(AMP_FLAG)
+
+study: install fashion-data
+	$(PY) bench/accuracy_study.py --profile fashion --device cpu --output study-fashion --lr-check 0.05 0.2
 
 test: install-dev
 	$(PY) -m pytest $(PYTEST_ARGS)

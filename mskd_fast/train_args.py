@@ -5,9 +5,10 @@ weight decay 5e-4, cosine LR, 80 epochs, batch 64 / LR 0.01 (COCO: batch 128 / L
 clipping at 10, MSKD with S=4 random crops, T=4, omega=0.5, gamma+=0.25, gamma-=1, 2 graph layers,
 iota=1.5, kappa=2, lambda=2.
 
-On the built-in synthetic dataset (the default ``--dataset``) every flag left unset takes a *demo*
-default instead, sized so that ``python -m mskd_fast.train --amp`` finishes in minutes (see
-``DEMO_CPU`` / ``DEMO_GPU``); the trainer prints which values it chose and why.
+On the built-in generated datasets every flag left unset takes a *demo* default instead: on ``synthetic``
+(the default ``--dataset``) sized so that ``python -m mskd_fast.train --amp`` finishes in minutes (``DEMO_CPU`` /
+``DEMO_GPU``), on ``fashion-multi`` (real objects; what ``make train`` runs) sized so that a model visibly learns
+in about two minutes on two CPU cores (``DEMO_FASHION``); the trainer prints which values it chose and why.
 
 Flags whose default depends on the run are declared with ``default=None`` and filled in by
 :func:`resolve_defaults`; :func:`validate` checks every value before anything is built, so bad flags
@@ -27,7 +28,8 @@ from mskd_fast.losses import DEFAULT_RECIPE, RECIPES, resolve_recipe
 from mskd_fast.methods import METHODS, add_method_args, validate_method_args
 from mskd_fast.models import check_model
 
-__all__ = ["DEMO_CPU", "DEMO_GPU", "RECIPE_FLAGS", "build_parser", "explicit_flags", "resolve_defaults", "validate"]
+__all__ = ["DEMO_CPU", "DEMO_FASHION", "DEMO_GPU", "RECIPE_FLAGS", "build_parser", "explicit_flags", "resolve_defaults",
+           "validate"]
 
 # Demo profiles for the synthetic dataset (keys are argparse dests). Sized from measurements on a
 # 2-core CPU and one H100; see docs and the trainer's printout.
@@ -38,6 +40,13 @@ DEMO_CPU = {
 DEMO_GPU = {
     "model": "resnet18", "img_size": 128, "batch_size": 64, "epochs": 10, "lr": 0.02,
     "synthetic_size": 2000, "synthetic_test_size": 500, "warmup_epochs": 1,
+}
+# Demo profile for the real-object dataset (fashion-multi), the one `make train` runs: a narrow resnet10t from
+# random init that visibly learns (OF1/CF1 well above 0) in about two minutes on two CPU cores.
+DEMO_FASHION = {
+    "model": "resnet10t", "model_kwargs": {"channels": (16, 32, 64, 128), "stem_width": 16}, "img_size": 64,
+    "batch_size": 32, "epochs": 12, "lr": 0.2, "synthetic_size": 1000, "synthetic_test_size": 400,
+    "warmup_epochs": 1,
 }
 PAPER = {
     "model": "resnet34", "img_size": 224, "batch_size": 64, "epochs": 80, "lr": 0.01, "warmup_epochs": 0,
@@ -80,6 +89,7 @@ training_curves.png.
 EPILOG = """\
 examples:
   python -m mskd_fast.train --amp                                  # synthetic demo
+  python -m mskd_fast.train --dataset fashion-multi                # real-object demo (make train)
   python -m mskd_fast.train --amp --dataset voc --data-dir /data/voc --pretrained
   torchrun --nproc_per_node 8 -m mskd_fast.train --amp --dataset coco --data-dir /data/coco
   python -m mskd_fast.train --resume output/RUN/last.pt            # continue exactly
@@ -94,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     data = add_data_args(p)
     set_help(p, "synthetic_size",
              f"synthetic dataset: number of training images (default {SyntheticConfig.train_size}; synthetic demo: "
-             f"{DEMO_CPU['synthetic_size']} on CPU, {DEMO_GPU['synthetic_size']} on GPU)")
+             f"{DEMO_CPU['synthetic_size']} on CPU, {DEMO_GPU['synthetic_size']} on GPU; fashion-multi demo: "
+             f"{DEMO_FASHION['synthetic_size']})")
     set_help(p, "synthetic_test_size",
              "synthetic dataset: number of test images (default: 30%% of --synthetic-size; synthetic demo: "
-             f"{DEMO_CPU['synthetic_test_size']} on CPU, {DEMO_GPU['synthetic_test_size']} on GPU)")
+             f"{DEMO_CPU['synthetic_test_size']} on CPU, {DEMO_GPU['synthetic_test_size']} on GPU; fashion-multi demo: "
+             f"{DEMO_FASHION['synthetic_test_size']})")
     data.add_argument("--loader", choices=("auto", "dali", "torch"), default="auto",
                       help="data loader backend: NVIDIA DALI, the torch DataLoader, or auto (DALI if installed)")
     data.add_argument("-j", "--workers", type=int, default=2,
@@ -108,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
                    help="timm model name with a spatial feature map (paper: resnet34, mobilenetv2_100, "
-                        "swin_tiny_patch4_window7_224). Default: resnet34; synthetic demo: see printout")
+                        "swin_tiny_patch4_window7_224). Default: resnet34; demos (synthetic, fashion-multi): see "
+                        "printout")
     m.add_argument("--pretrained", action="store_true",
                    help="start from timm's pretrained weights: from the local cache, else downloaded by timm through "
                         "the Hugging Face hub (HF_HUB_OFFLINE=1: cache only)")
@@ -120,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-classes", type=int, default=None,
                    help="number of classes; must match the dataset (default: taken from the dataset)")
     m.add_argument("--img-size", type=int, default=None,
-                   help="square training/eval resolution in pixels (default 224; synthetic demo: see printout)")
+                   help="square training/eval resolution in pixels (default 224; demos (synthetic, fashion-multi): see "
+                        "printout)")
     m.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                    help="extra timm.create_model arguments, values as Python literals "
                         "(e.g. drop_path_rate=0.1 channels=(8,16,32,64))")
@@ -129,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = p.add_argument_group("optimisation")
     o.add_argument("-b", "--batch-size", type=int, default=None,
-                   help="batch size per process (default 64, COCO 128; synthetic demo: see printout)")
+                   help="batch size per process (default 64, COCO 128; demos (synthetic, fashion-multi): see printout)")
     o.add_argument("--epochs", type=int, default=None, help="training epochs (default 80)")
     o.add_argument("--lr", type=float, default=None,
                    help="learning rate of the classifier head (default 0.01, COCO 0.1)")
@@ -261,15 +275,22 @@ def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
 def resolve_defaults(args: argparse.Namespace, explicit: set[str], on_cuda: bool) -> list[str]:
     """Fill the run-dependent defaults in place; returns human-readable notes of what was chosen."""
     notes = []
-    if args.dataset == "synthetic":
-        profile, label = (DEMO_GPU, "GPU") if on_cuda else (DEMO_CPU, "CPU")
+    if args.dataset in ("synthetic", "fashion-multi"):
+        if args.dataset == "fashion-multi":
+            profile, label = DEMO_FASHION, "fashion-multi demo defaults"
+        else:
+            profile, label = (DEMO_GPU, "synthetic demo defaults (GPU)") if on_cuda else (
+                DEMO_CPU, "synthetic demo defaults (CPU)")
         chosen = []
         for key, value in profile.items():
-            if key not in explicit:
-                setattr(args, key, value)
-                chosen.append(f"{key}={value}")
+            if key in explicit or (key == "model_kwargs" and "model" in explicit):  # kwargs belong to the model
+                continue
+            setattr(args, key, dict(value) if isinstance(value, dict) else value)
+            if isinstance(value, dict):
+                value = " ".join(f"{k}={v}".replace(" ", "") for k, v in value.items())
+            chosen.append(f"{key}={value}")
         if chosen:
-            notes.append(f"synthetic demo defaults ({label}): " + ", ".join(chosen))
+            notes.append(f"{label}: " + ", ".join(chosen))
     else:
         profile = dict(PAPER)
         if args.dataset == "coco":

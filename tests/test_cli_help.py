@@ -6,7 +6,7 @@ import pytest
 
 from mskd_fast import evaluate, train
 from mskd_fast.data import SyntheticConfig
-from mskd_fast.train_args import DEMO_CPU, DEMO_GPU
+from mskd_fast.train_args import DEMO_CPU, DEMO_FASHION, DEMO_GPU
 
 CLIS = {"train": train.main, "evaluate": evaluate.main}
 
@@ -48,7 +48,7 @@ def test_each_flag_states_its_default_at_most_once(name, capsys):
 def test_informative_defaults_are_still_shown(capsys):
     blocks = _flag_blocks(_help("train", capsys))
     assert "(default: 0.9)" in blocks["--momentum"]
-    assert "(default: step)" in blocks["--recipe"]
+    assert "step (default)" in blocks["--recipe"]
     assert "(default: True)" in blocks["--channels-last"]
     assert "default" not in blocks["--pretrained"]  # an off-by-default switch says nothing
     assert "(default 224;" in blocks["--img-size"]
@@ -62,6 +62,8 @@ def test_synthetic_size_help_matches_the_demo_profiles(capsys):
     test_size = blocks["--synthetic-test-size"]
     assert f"{DEMO_CPU['synthetic_test_size']} on CPU" in test_size
     assert f"{DEMO_GPU['synthetic_test_size']} on GPU" in test_size
+    assert f"fashion-multi demo: {DEMO_FASHION['synthetic_test_size']}" in test_size
+    assert f"fashion-multi demo: {DEMO_FASHION['synthetic_size']}" in size
 
 
 def test_evaluate_data_flags_default_to_the_run(capsys):

@@ -153,3 +153,16 @@ def test_parse_kwargs_values_are_literals():
     args = parser.parse_args(["--model-kwargs", "drop_rate=0.1", "channels=(8,16)", "act_layer=relu"])
     assert args.model_kwargs == {"drop_rate": 0.1, "channels": (8, 16), "act_layer": "relu"}
     assert isinstance(parser, argparse.ArgumentParser)
+
+
+def test_fashion_demo_defaults_fill_unset_flags_and_model_kwargs_follow_the_model():
+    from mskd_fast.train_args import DEMO_FASHION
+
+    args, notes = _resolved(["--dataset", "fashion-multi"])
+    for key, value in DEMO_FASHION.items():
+        assert getattr(args, key) == value, key
+    assert any(n.startswith("fashion-multi demo defaults: ") and "channels=(16,32,64,128)" in n for n in notes)
+    assert args.lr_backbone_mult == 1.0  # from random init
+    mine, _ = _resolved(["--dataset", "fashion-multi", "--model", "resnet18", "--epochs", "2"])
+    assert mine.model == "resnet18" and mine.model_kwargs == {} and mine.epochs == 2  # demo kwargs: demo model only
+    assert mine.img_size == DEMO_FASHION["img_size"] and mine.lr == DEMO_FASHION["lr"]
