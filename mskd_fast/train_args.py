@@ -45,7 +45,7 @@ DEMO_GPU = {
 # random init that visibly learns (OF1/CF1 well above 0) in about two minutes on two CPU cores.
 DEMO_FASHION = {
     "model": "resnet10t", "model_kwargs": {"channels": (16, 32, 64, 128), "stem_width": 16}, "img_size": 64,
-    "batch_size": 32, "epochs": 12, "lr": 0.2, "synthetic_size": 1000, "synthetic_test_size": 400,
+    "batch_size": 32, "epochs": 20, "lr": 0.2, "synthetic_size": 2000, "synthetic_test_size": 400,
     "warmup_epochs": 1,
 }
 PAPER = {

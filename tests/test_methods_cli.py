@@ -7,9 +7,8 @@ import signal
 
 import pytest
 import torch
-from train_cli_helpers import summary_rows, tiny_run_argv
+from train_cli_helpers import stop_at, summary_rows, tiny_run_argv
 
-from mskd_fast import train as train_mod
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.methods import METHODS
 from mskd_fast.train import main
@@ -25,38 +24,6 @@ def cache(tmp_path_factory):
 def _argv(cache, out, name, method, *extra, epochs=2):
     return tiny_run_argv(cache, out, name, "--method", method, "--deterministic", *extra, epochs=epochs,
                          test_size=16, log_interval=1)
-
-
-def _stop_at(monkeypatch, global_step):
-    """A real SIGINT during the given (1-based) step of the next run."""
-    original = train_mod.Trainer._fit
-
-    def patched(self):
-        step_call = self.step.__call__
-        count = {"n": 0}
-
-        def counted(*args, **kwargs):
-            out = step_call(*args, **kwargs)
-            count["n"] += 1
-            if count["n"] == global_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return out
-
-        self.step = _Calls(self.step, counted)
-        return original(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "_fit", patched)
-
-
-class _Calls:
-    def __init__(self, target, call):
-        self._target, self._call = target, call
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._target, name)
 
 
 @pytest.mark.slow
@@ -80,7 +47,7 @@ def test_method_trains_reports_its_terms_and_resumes_exactly(method, cache, tmp_
     assert blob["meta"]["method"] == method and "method" in blob["step_state"]
     assert len(blob["step_state"]["method_per_rank"]) == 1
 
-    _stop_at(monkeypatch, 2)  # mid-epoch 1 (4 steps per epoch)
+    stop_at(monkeypatch, 2)  # mid-epoch 1 (4 steps per epoch)
     assert main(_argv(cache, tmp_path, "interrupted", method)) == 128 + signal.SIGINT
     monkeypatch.undo()
     recovery = tmp_path / "interrupted" / "recovery.pt"

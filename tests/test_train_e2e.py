@@ -15,9 +15,8 @@ import sys
 
 import pytest
 import torch
-from train_cli_helpers import summary_rows, tiny_run_argv
+from train_cli_helpers import stop_at, summary_rows, tiny_run_argv
 
-from mskd_fast import train as train_mod
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.evaluate import main as evaluate_main
 from mskd_fast.losses import MSKDLoss
@@ -71,38 +70,6 @@ def test_end_to_end_writes_every_output_and_evaluate_reproduces_it(method, cache
     assert (run / "eval-synthetic-test" / "scale_recall.png").is_file()
 
 
-def _stop_at(monkeypatch, global_step):
-    """Make the trainer receive a real SIGINT during the given (1-based) step."""
-    original = train_mod.Trainer._fit
-
-    def patched(self):
-        step_fn = self.step.__call__
-        count = {"n": 0}
-
-        def wrapped(*args, **kwargs):
-            out = step_fn(*args, **kwargs)
-            count["n"] += 1
-            if count["n"] == global_step:
-                os.kill(os.getpid(), signal.SIGINT)
-            return out
-
-        self.step = _Proxy(self.step, wrapped)
-        return original(self)
-
-    monkeypatch.setattr(train_mod.Trainer, "_fit", patched)
-
-
-class _Proxy:
-    def __init__(self, target, call):
-        self._target, self._call = target, call
-
-    def __call__(self, *args, **kwargs):
-        return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._target, name)
-
-
 def _assert_same_run(a, b):
     wa, wb = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     assert wa.keys() == wb.keys()
@@ -118,7 +85,7 @@ def _assert_same_run(a, b):
 def test_resume_is_exact(stop_step, recipe, cache, tmp_path, monkeypatch, capsys):
     common = ("--deterministic", "--log-interval", "1", "--recipe", recipe)
     assert main(_argv(cache, tmp_path, "straight", *common)) == 0
-    _stop_at(monkeypatch, stop_step)
+    stop_at(monkeypatch, stop_step)
     code = main(_argv(cache, tmp_path, "interrupted", *common))
     assert code == 128 + signal.SIGINT
     out = capsys.readouterr().out
