@@ -7,7 +7,8 @@ method is the median over its rounds of the mean step time in the round, and its
 
 Default setting (the CPU entries of docs/PERFORMANCE.md): timm ``resnet10t`` with channels (16, 32, 64, 128) and
 stem width 16, 64 x 64 inputs, 20 classes, batch 16, bf16 autocast, eager, channels-last, one intra-op thread.
-MSKD runs with every term on (S = 4 crops, S-SD active from the parameter snapshot, two batches alternating).
+``mskd`` runs with every term on (``recipe="stable"``: S = 4 crops, S-SD active from the parameter snapshot, two
+batches alternating); ``mskd-step`` is the default recipe (``step``: S-SD alone, no crops).
 
     .venv/bin/python bench/method_step_time.py [--batch 16] [--json out.json]
 
@@ -34,6 +35,8 @@ from mskd_fast.train_args import build_parser
 
 EXTRA_WORK = {
     "vanilla": "-",
+    "mskd-step": "no-grad forward of B images through the S-SD snapshot (one parameter copy per update); "
+                 "S-SD loss",
     "mskd": "no-grad teacher forwards of S*B crops and of B images (S-SD snapshot, one parameter copy per "
             "update); crops, ROI pooling, 3 SD losses",
     "tfkd": "none (loss only)",
@@ -52,8 +55,10 @@ def _make_step(name: str, args, classes: int, batch: int, num_samples: int, amp_
     model = model.to(memory_format=torch.channels_last)
     model.train()
     generator = torch.Generator().manual_seed(1)
-    if name in ("mskd", "vanilla"):
-        method = (MSKD if name == "mskd" else VanillaBCE)(model, generator=generator)
+    if name == "vanilla":
+        method = VanillaBCE(model, generator=generator)
+    elif name in ("mskd", "mskd-step"):
+        method = MSKD(model, recipe="stable" if name == "mskd" else "step", generator=generator)
     else:
         method = build_method(name, model, build_parser().parse_args([]), num_samples=num_samples, epochs=10,
                               generator=generator)
@@ -76,7 +81,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     amp_dtype = None if args.fp32 else torch.bfloat16
-    names = ["vanilla", "mskd", *METHODS]
+    names = ["vanilla", "mskd-step", "mskd", *METHODS]
     g = torch.Generator().manual_seed(0)
     batches = []
     for k in range(2):
