@@ -65,7 +65,7 @@ def probe(path: str, opts) -> dict:
         keep = ids >= 0
         images, targets = images[keep], targets[keep].float()
         b, _, h, w = images.shape
-        boxes = sample_boxes(b, opts.crops, h, w, mode=opts.crop_mode, generator=gen)
+        boxes = sample_boxes(b, opts.crops, h, w, mode=opts.crop_mode, generator=gen, area=tuple(opts.crop_area))
         q = model(images)
         o = model(ops.crop_resize(images, boxes, (h, w))).view(b, opts.crops, classes)
         z = ops.reconstruct_logits(o, q, targets, layers=opts.layers, crop_temperature=opts.crop_temperature)
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32, help="images per batch (the pseudo-label k is per batch)")
     p.add_argument("--crops", type=int, default=4)
     p.add_argument("--crop-mode", default="random", choices=("random", "corners"))
+    p.add_argument("--crop-area", type=float, nargs=2, default=(0.2, 0.3), metavar=("LO", "HI"),
+                   help="random crops: area fraction range (SPEC: 0.2 0.3)")
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--crop-temperature", type=float, default=1.0)
     p.add_argument("--scale", default="match", choices=("match", "none"), help="teacher for the last columns")
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     opts = p.parse_args(argv)
     torch.set_num_threads(opts.threads)
-    print(f"split {opts.split}; S={opts.crops} {opts.crop_mode} crops, {opts.layers} layers, crop-T "
+    print(f"split {opts.split}; S={opts.crops} {opts.crop_mode} crops (area {tuple(opts.crop_area)}), "
+          f"{opts.layers} layers, crop-T "
           f"{opts.crop_temperature}; last columns: teacher scale {opts.scale}, MBD {opts.mbd_form}")
     print("| checkpoint | trained with | mAP q | mAP crop mean | mAP crop max | mAP z | mAP z matched | "
           "pos lowered | neg raised | cos(R-SD, BCE) | q row std |")

@@ -22,11 +22,12 @@ def sample_boxes(
     mode: str = "random",
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    area: tuple[float, float] = RANDOM_AREA,
 ) -> torch.Tensor:
     """Crop boxes ``(B,S,4)`` float32 ``(x1,y1,x2,y2)`` in continuous input-pixel coordinates (SPEC 6).
 
-    ``mode="random"``: random-resized-crop boxes, area fraction ~ U(0.2, 0.3) of ``H*W``, aspect ratio
-    ``w/h`` log-uniform in (2/5, 5/3), position uniform inside the image (a side longer than the image,
+    ``mode="random"``: random-resized-crop boxes, area fraction ~ U(``area``) of ``H*W`` (SPEC: U(0.2, 0.3)),
+    aspect ratio ``w/h`` log-uniform in (2/5, 5/3), position uniform inside the image (a side longer than the image,
     possible only for very elongated inputs, is clipped to it). Drawn with ``generator`` on ``device``
     in one ``torch.rand`` call (no host sync). ``mode="corners"``: the four ``H/2 x W/2`` corner crops in
     the order top-left, top-right, bottom-left, bottom-right (needs ``S == 4``; no randomness); the same
@@ -34,6 +35,8 @@ def sample_boxes(
     """
     if mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
+    if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1):
+        raise ValueError(f"area must be (lo, hi) with 0 < lo <= hi <= 1, got {area}")
     if batch < 1 or crops < 1 or height < 1 or width < 1:
         raise ValueError(f"batch, crops, height, width must be >= 1, got {(batch, crops, height, width)}")
     if mode == "corners":
@@ -50,7 +53,7 @@ def sample_boxes(
             cached = _CORNER_BOXES[key] = corners.unsqueeze(0).expand(batch, 4, 4).contiguous().to(device)
         return cached
     u = torch.rand(batch, crops, 4, generator=generator, device=device, dtype=torch.float32)
-    area = (RANDOM_AREA[0] + (RANDOM_AREA[1] - RANDOM_AREA[0]) * u[..., 0]) * (height * width)
+    area = (area[0] + (area[1] - area[0]) * u[..., 0]) * (height * width)
     log_lo, log_hi = math.log(RANDOM_RATIO[0]), math.log(RANDOM_RATIO[1])
     ratio = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
     w = torch.sqrt(area * ratio).clamp(max=float(width))

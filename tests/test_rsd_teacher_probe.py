@@ -39,8 +39,8 @@ def test_probe_scores_the_crop_teacher_of_a_trained_run(probe, tmp_path, capsys)
 def test_probe_result_fields(probe, tmp_path):
     assert main(tiny_run_argv(tmp_path / "cache", tmp_path, "run", epochs=1)) == 0
     opts = argparse.Namespace(
-        split="test", batch=8, crops=4, crop_mode="random", layers=2, crop_temperature=1.0, scale="none",
-        mbd_form="paper", seed=0)
+        split="test", batch=8, crops=4, crop_mode="random", crop_area=(0.5, 0.7), layers=2, crop_temperature=1.0,
+        scale="none", mbd_form="paper", seed=0)
     out = probe.probe(str(tmp_path / "run" / "last.pt"), opts)
     assert out["method"] == "mskd/stable"
     assert set(out) >= {"q", "mean", "max", "z", "zm", "pos_lowered", "neg_raised", "cos", "row_std_q"}

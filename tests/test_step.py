@@ -62,6 +62,16 @@ def test_random_boxes_follow_spec_distribution_and_generator():
     assert abs(torch.log(ratio).median().item() - mid) < 0.15
 
 
+def test_random_boxes_take_another_area_range_and_refuse_a_bad_one():
+    boxes = sample_boxes(256, 4, 64, 64, "random", torch.Generator().manual_seed(0), area=(0.6, 0.7))
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) / (64 * 64)
+    # a side clipped to the image (elongated crops at this size) can only shrink the area
+    assert (area <= 0.7 + 1e-5).all() and (area >= 0.6 - 1e-5).float().mean() > 0.5 and area.min() > 0.4
+    for bad in ((0.0, 0.3), (0.5, 0.4), (0.2, 1.5), (0.3,)):
+        with pytest.raises(ValueError, match="area must be"):
+            sample_boxes(2, 4, 64, 64, "random", area=bad)
+
+
 def test_corner_boxes_and_validation():
     boxes = sample_boxes(2, 4, 64, 32, "corners")
     expected = torch.tensor([[0, 0, 16, 32], [16, 0, 32, 32], [0, 32, 16, 64], [16, 32, 32, 64]], dtype=torch.float32)
