@@ -6,12 +6,23 @@ import math
 
 import torch
 
-__all__ = ["CROP_MODES", "sample_boxes"]
+__all__ = ["CROP_MODES", "RANDOM_AREA", "check_area", "sample_boxes"]
 
 CROP_MODES = ("random", "corners")
 RANDOM_AREA = (0.2, 0.3)
 RANDOM_RATIO = (2.0 / 5.0, 5.0 / 3.0)
 _CORNER_BOXES: dict[tuple, torch.Tensor] = {}  # (batch, H, W, device) -> (B, 4, 4) boxes, never written to
+
+
+def check_area(area, name: str = "crop_area") -> tuple[float, float]:
+    """``area`` as a ``(lo, hi)`` tuple of floats with ``0 < lo <= hi <= 1``; else ``ValueError`` naming ``name``."""
+    try:
+        lo, hi = (float(a) for a in area)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {area!r}") from None
+    if not (0 < lo <= hi <= 1):
+        raise ValueError(f"{name} must be (lo, hi) with 0 < lo <= hi <= 1, got {area!r}")
+    return lo, hi
 
 
 def sample_boxes(
@@ -35,8 +46,7 @@ def sample_boxes(
     """
     if mode not in CROP_MODES:
         raise ValueError(f"crop mode must be one of {CROP_MODES}, got {mode!r}")
-    if not (len(area) == 2 and 0 < area[0] <= area[1] <= 1):
-        raise ValueError(f"area must be (lo, hi) with 0 < lo <= hi <= 1, got {area}")
+    area = check_area(area, "area")
     if batch < 1 or crops < 1 or height < 1 or width < 1:
         raise ValueError(f"batch, crops, height, width must be >= 1, got {(batch, crops, height, width)}")
     if mode == "corners":

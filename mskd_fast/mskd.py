@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from mskd_fast._validation import check_choice, check_int
-from mskd_fast.boxes import CROP_MODES, sample_boxes
+from mskd_fast.boxes import CROP_MODES, RANDOM_AREA, check_area, sample_boxes
 from mskd_fast.losses import DEFAULT_RECIPE, RECIPES, MSKDLoss
 from mskd_fast.methods.base import SelfDistillationMethod
 from mskd_fast.models import batch_stat_twin, eval_twin
@@ -62,6 +62,8 @@ class MSKD(SelfDistillationMethod):
         recipe: ``"stable"``, ``"paper"`` or ``"official"`` (:data:`mskd_fast.losses.RECIPES`); it sets the loss
             settings and the crop mode, each of which may be overridden.
         crops: ``S`` (``"corners"`` needs 4). crop_mode: ``"random"`` or ``"corners"`` (``None``: the recipe's).
+        crop_area: random crops' area fraction range ``(lo, hi)``, ``0 < lo <= hi <= 1`` (SPEC 6: ``(0.2, 0.3)``;
+            another range is a labelled departure).
         use_lsd, use_rsd, use_ssd: the three self-distillation terms (``None``: the recipe's ``terms``; ``False``
             for the ablations).
         teacher_bn: ``"eval"`` (SPEC 5: running statistics) or ``"batch"`` (batch statistics, for from-scratch
@@ -81,6 +83,7 @@ class MSKD(SelfDistillationMethod):
     terms = ("bce", "lsd", "rsd", "ssd")
 
     def __init__(self, model: nn.Module, recipe: str = DEFAULT_RECIPE, *, crops: int = 4, crop_mode: str | None = None,
+                 crop_area: tuple[float, float] = RANDOM_AREA,
                  use_lsd: bool | None = None, use_rsd: bool | None = None, use_ssd: bool | None = None,
                  teacher_bn: str | None = None,
                  roi_mode: str | None = None, channels_last: bool | None = None,
@@ -95,6 +98,7 @@ class MSKD(SelfDistillationMethod):
         check_choice("crop_mode", crop_mode, CROP_MODES)
         if crop_mode == "corners" and crops != 4:
             raise ValueError(f"crop_mode 'corners' needs crops == 4, got {crops}")
+        crop_area = check_area(crop_area)
         teacher_bn = RECIPES[recipe]["teacher_bn"] if teacher_bn is None else teacher_bn
         check_choice("teacher_bn", teacher_bn, TEACHER_BN)
         if channels_last is not None and not isinstance(channels_last, bool):
@@ -102,7 +106,7 @@ class MSKD(SelfDistillationMethod):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.loss_fn = MSKDLoss(recipe=recipe, use_lsd=use_lsd, use_rsd=use_rsd, use_ssd=use_ssd, **loss_options)
-        self.recipe, self.crops, self.crop_mode = recipe, crops, crop_mode
+        self.recipe, self.crops, self.crop_mode, self.crop_area = recipe, crops, crop_mode, crop_area
         self.teacher_bn, self.channels_last = teacher_bn, channels_last
         self.generator = generator
         self.seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None and generator is None else seed
@@ -172,7 +176,7 @@ class MSKD(SelfDistillationMethod):
         boxes = None
         if self.need_crops:
             boxes = sample_boxes(images.shape[0], self.crops, images.shape[-2], images.shape[-1], self.crop_mode,
-                                 self._generator(images.device), images.device)
+                                 self._generator(images.device), images.device, area=self.crop_area)
         ssd = self.snapshot is not None and self.snapshot.teacher_module() is not None
         self._eager_call = self.snapshot is not None and not ssd
         return {"images": images, "targets": targets, "boxes": boxes, "ssd": ssd, "sd_scale": self.sd_scale}
@@ -265,7 +269,8 @@ class MSKD(SelfDistillationMethod):
     def extra_repr(self) -> str:
         on = ", ".join(n for n, flag in (("L-SD", self.use_lsd), ("R-SD", self.use_rsd), ("S-SD", self.use_ssd))
                        if flag) or "BCE only"
-        return (f"{on}; S={self.crops} {self.crop_mode} crops, teacher BN {self.teacher_bn}; "
+        area = f" (area {self.crop_area[0]:g}-{self.crop_area[1]:g})" if self.crop_mode == "random" else ""
+        return (f"{on}; S={self.crops} {self.crop_mode} crops{area}, teacher BN {self.teacher_bn}; "
                 f"loss {self.loss_fn.extra_repr()}")
 
 

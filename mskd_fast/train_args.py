@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--crop-mode", choices=("random", "corners"), default=None,
                    help="random-resized-crop boxes (area 20-30%%, aspect 2/5-5/3) or the 4 quarter corners "
                         "(default: from --recipe: official corners, else random)")
+    k.add_argument("--crop-area", type=float, nargs=2, default=[0.2, 0.3], metavar=("LO", "HI"),
+                   help="random crops: area fraction range (SPEC 6: 0.2 0.3; another range is a labelled departure)")
     k.add_argument("--temperature", type=float, default=4.0, help="T of the MBD loss")
     k.add_argument("--omega", type=float, default=0.5, help="omega of the MBD weights")
     k.add_argument("--gamma-pos", type=float, default=0.25, help="gamma+ of the MBD weights (positives)")
@@ -367,6 +369,9 @@ def validate(args: argparse.Namespace) -> None:
     _need(args.crops >= 1, "--crops", ">= 1", args.crops)
     if args.crop_mode == "corners":
         _need(args.crops == 4, "--crops", "4 with --crop-mode corners", args.crops)
+    _need(len(args.crop_area) == 2 and all(finite(a) for a in args.crop_area)
+          and 0 < args.crop_area[0] <= args.crop_area[1] <= 1, "--crop-area", "LO HI with 0 < LO <= HI <= 1",
+          args.crop_area)
     _need(finite(args.temperature) and args.temperature > 0, "--temperature", "> 0", args.temperature)
     _need(finite(args.omega) and 0 <= args.omega <= 1, "--omega", "in [0, 1]", args.omega)
     _need(finite(args.gamma_pos) and args.gamma_pos >= 0, "--gamma-pos", ">= 0", args.gamma_pos)

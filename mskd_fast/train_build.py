@@ -57,6 +57,7 @@ def build_method_object(args: argparse.Namespace, train_model, *, num_samples: i
         return VanillaBCE(train_model, recipe=args.recipe, generator=generator)
     if args.method == "mskd":
         return MSKD(train_model, recipe=args.recipe, crops=args.crops, crop_mode=args.crop_mode,
+                    crop_area=tuple(args.crop_area),
                     use_lsd=not args.no_lsd, use_rsd=not args.no_rsd, use_ssd=not args.no_ssd,  # recipe terms applied
                     teacher_bn=args.teacher_bn, channels_last=args.channels_last, generator=generator,
                     iota=args.iota, kappa=args.kappa, lam=args.lam, temperature=args.temperature, omega=args.omega,

@@ -312,3 +312,17 @@ def test_sd_scale_weighs_only_the_self_distillation_terms():
     zero = mskd(x, y)
     assert torch.equal(zero["loss"].detach(), zero["bce"]) and zero["ssd"] > 0  # terms stay unweighted
     assert full["loss"] > full["bce"]
+
+
+def test_crop_area_sets_the_random_crops_area_and_is_checked():
+    model = _timm()
+    x, y = _batch()
+    default = MSKD(model, recipe="stable", seed=0)
+    assert default.crop_area == (0.2, 0.3) and "area 0.2-0.3" in repr(default)
+    mskd = MSKD(model, recipe="stable", seed=0, crop_area=(0.6, 0.7))
+    boxes = mskd.prepare(x, y, None, 0)["boxes"]
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]) / (64 * 64)
+    assert (area <= 0.7 + 1e-5).all() and area.min() > 0.4 and area.mean() > 0.55
+    for bad in ((0.3, 0.2), (0.0, 0.5), (0.5, 1.5), "ab", 0.3):
+        with pytest.raises(ValueError, match="crop_area must be"):
+            MSKD(model, recipe="stable", crop_area=bad)

@@ -82,6 +82,9 @@ def test_explicit_flags_sees_only_given_options():
     [
         (["--crops", "0"], "--crops must be >= 1"),
         (["--crop-mode", "corners", "--crops", "3"], "--crops must be 4 with --crop-mode corners"),
+        (["--crop-area", "0.5", "0.4"], "--crop-area must be LO HI with 0 < LO <= HI <= 1, got [0.5, 0.4]"),
+        (["--crop-area", "0", "0.3"], "--crop-area must be LO HI"),
+        (["--crop-area", "0.2", "nan"], "--crop-area must be LO HI"),
         (["--temperature", "0"], "--temperature must be > 0"),
         (["--omega", "1.5"], "--omega must be in"),
         (["--lr", "-1"], "--lr must be"),
