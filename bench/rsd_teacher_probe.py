@@ -30,9 +30,8 @@ from mskd_fast import ops
 from mskd_fast.boxes import sample_boxes
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.data import build_loader, index_from_args
-from mskd_fast.evaluate import _DATA_KEYS
+from mskd_fast.evaluate import _DATA_KEYS, model_from_checkpoint
 from mskd_fast.metrics import MultiLabelMetrics
-from mskd_fast.models import create_model
 
 
 def _load(path: str, split: str, batch: int):
@@ -41,10 +40,7 @@ def _load(path: str, split: str, batch: int):
     args = argparse.Namespace(**{k: run_args.get(k) for k in _DATA_KEYS})
     args.eval_split = split
     index = index_from_args(args, "eval")
-    model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
-                            roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
+    model = model_from_checkpoint(ckpt).eval()
     loader = build_loader(index, train=False, batch_size=batch, img_size=run_args["img_size"], loader="torch",
                           num_workers=0, shard_id=0, num_shards=1, channels_last=False, device=torch.device("cpu"))
     return model, loader, meta["num_classes"], run_args

@@ -23,7 +23,7 @@ import torch
 from mskd_fast.metrics import MultiLabelMetrics, per_scale_recall
 from mskd_fast.reports import METRIC_KEYS, format_metrics, format_table, write_per_class_ap, write_scale_recall
 
-__all__ = ["evaluate", "main", "run_loader", "write_eval_reports"]
+__all__ = ["evaluate", "main", "model_from_checkpoint", "run_loader", "write_eval_reports"]
 
 
 @torch.no_grad()
@@ -51,6 +51,19 @@ def evaluate(model, loader, num_classes: int, *, class_names=None, amp_dtype: to
         skipped = set().union(*every)
     metrics.skipped_ids = skipped
     return metrics
+
+
+def model_from_checkpoint(ckpt: dict):
+    """The trained model of a trainer checkpoint (``load_checkpoint(..., require=("model", "meta"))``): built from
+    its ``meta`` (timm name, classes, image size, ROI mode, model kwargs) with its weights loaded, on the CPU, in
+    train mode (call ``.eval()`` to evaluate)."""
+    from mskd_fast.models import create_model
+
+    meta = ckpt["meta"]
+    model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
+                            roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def write_eval_reports(metrics: MultiLabelMetrics, index, img_size: int, out_dir: str, *, label: str,
@@ -172,7 +185,6 @@ def main(argv=None) -> int:
     from mskd_fast.checkpoint import load_checkpoint
     from mskd_fast.data import build_loader, index_from_args, split_from_args
     from mskd_fast.distributed import init_distributed, shutdown
-    from mskd_fast.models import create_model
     from mskd_fast.train_args import explicit_flags
 
     parser = build_parser()
@@ -211,9 +223,7 @@ def main(argv=None) -> int:
                     f"checkpoint was trained on {meta['num_classes']} classes {meta['class_names'][:5]}...: "
                     "class lists differ"
                 )
-            model, _ = create_model(meta["model_name"], meta["num_classes"], img_size=meta["img_size"],
-                                    roi_mode=meta.get("roi_mode", "max"), **meta.get("model_kwargs", {}))
-            model.load_state_dict(ckpt["model"])
+            model = model_from_checkpoint(ckpt)
             model.to(ctx.device)
             if args.channels_last:
                 model.to(memory_format=torch.channels_last)
