@@ -60,6 +60,9 @@ class ParameterSnapshot:
         self.pending: dict[str, torch.Tensor] | None = None
         self._updated = None  # since `pending` was taken: None (no step), True, or a 0-dim device bool
         self._versions: tuple | None = None  # parameter versions when `pending` was taken (None: take them next)
+        # skipped-step flags on the CPU are read on the host (free); True takes the accelerator's device-side
+        # torch.where path there too (its CPU twin, for tests)
+        self.device_side_on_cpu = False
         self._bind()
         self._hook = register_optimizer_step_pre_hook(functools.partial(_on_optimizer_step, weakref.ref(self)))
 
@@ -155,7 +158,8 @@ class ParameterSnapshot:
         updated = True if self._versions_now() != self._versions else self._updated
         if updated is None:
             return
-        if updated is not True and (updated.device.type == "cpu" or self.teacher is None):
+        on_host = updated is not True and updated.device.type == "cpu" and not self.device_side_on_cpu
+        if updated is not True and (on_host or self.teacher is None):
             updated = bool(updated)  # free on the CPU; on a GPU once per run (whether a teacher exists at all)
         if updated is True:
             self._swap()

@@ -141,11 +141,15 @@ def test_gradient_accumulation_keeps_the_teacher_and_copies_once_per_update(monk
     assert len(copies) == 3  # the first call, then one per update (updates 1 and 2 were followed by a call)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
-def test_a_scaler_skipped_step_leaves_the_teacher_unchanged(fused):
-    """GradScaler skips a plain optimizer's step() and hands a fused one found_inf: either way, no update."""
+@pytest.mark.parametrize("fused, device_side", [(False, False), (True, False), (True, True)],
+                         ids=["foreach", "fused", "fused-device-side"])
+def test_a_scaler_skipped_step_leaves_the_teacher_unchanged(fused, device_side):
+    """GradScaler skips a plain optimizer's step() and hands a fused one found_inf: either way, no update.
+    ``device_side``: the found_inf flag is applied by the accelerator's sync-free ``torch.where`` path (its CPU
+    twin) instead of being read on the host."""
     model = _timm()
     mskd = MSKD(model, recipe="stable", seed=0)
+    mskd.snapshot.device_side_on_cpu = device_side
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     good = [_batch(seed=s) for s in range(3)]
