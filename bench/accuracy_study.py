@@ -75,6 +75,22 @@ PROFILES = {
         warmup_epochs=0, weight_decay=1e-4, amp=True, workers=8, loader="auto", randaugment=True, threads=0, jobs=1,
         pretrain=dict(epochs=5, lr=0.1, items=None),
     ),
+    # The schedule study (issue 23; rules in bench/study_schedule.py): the same data and backbone as "fashion", the
+    # paper's schedule in miniature: RandAugment(2, 9), SGD momentum 0.9, weight decay 5e-4, cosine, 40 epochs; the
+    # head LR is calibrated on val with vanilla (phase 0) and then set here (each calibration run names its own).
+    "fashion-long": dict(
+        suite="schedule", dataset="fashion-multi", model="resnet10t", model_kwargs=("output_stride=16",), img_size=64,
+        synthetic_img_size=64, synthetic_size=1250, synthetic_test_size=1500, batch_size=32, epochs=40, lr=None,
+        warmup_epochs=0, weight_decay=5e-4, amp=False, workers=0, loader="torch", randaugment=True, threads=1,
+        jobs=2, eval_interval=1, pretrain=dict(epochs=3, lr=0.1, items=None),
+    ),
+    "fashion-long-tiny": dict(
+        suite="schedule", dataset="fashion-multi", model="resnet10t",
+        model_kwargs=("channels=(8,16,32,64)", "stem_width=8"), img_size=32, synthetic_img_size=32, synthetic_size=20,
+        synthetic_test_size=12, batch_size=10, epochs=2, lr=None, warmup_epochs=0, weight_decay=5e-4, amp=False,
+        workers=0, loader="torch", randaugment=True, threads=1, jobs=2, eval_interval=1,
+        pretrain=dict(epochs=1, lr=0.1, items=256),
+    ),
     "fashion-tiny": dict(
         suite="fashion", dataset="fashion-multi", model="resnet10t",
         model_kwargs=("channels=(8,16,32,64)", "stem_width=8"), img_size=32, synthetic_img_size=32, synthetic_size=20,
@@ -170,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fashion profiles: folder of the Fashion-MNIST IDX files (default: the Debian package's, "
                         "/usr/share/datasets/fashion-mnist)")
     p.add_argument("--overwrite", action="store_true", help="re-train runs already finished in --output")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="run with uncommitted changes to the package source (refused otherwise); the diff's hash "
+                        "is recorded with every run")
+    p.add_argument("--reuse-other-code", action="store_true",
+                   help="reuse finished runs trained by another version of the package source (by default they "
+                        "are trained again); the tables then name the code of every row")
     p.add_argument("--lr-check", type=float, nargs="+", default=None, metavar="LR",
                    help="fashion profiles: after the decision, also train vanilla and the chosen MSKD variant at "
                         "these head LRs (seeds as given), reported as an LR-sensitivity table")
@@ -224,10 +246,10 @@ def trainer_argv(variant: Variant, settings: dict, *, seed: int, device: str, ru
     argv = [
         *_common_data_flags(s, synthetic_cache), "--train-split", "train-fit", "--eval-split", "val",
         "--model", s["model"], "--img-size", str(s["img_size"]), "-b", str(s["batch_size"]),
-        "--epochs", str(s["epochs"] * getattr(variant, "epochs_factor", 1)), "--lr", str(s["lr"]),
-        "--warmup-epochs", str(s["warmup_epochs"]),
+        "--epochs", str(s["epochs"] * getattr(variant, "epochs_factor", 1)),
+        *([] if s["lr"] is None else ["--lr", str(s["lr"])]), "--warmup-epochs", str(s["warmup_epochs"]),
         "--loader", s["loader"], "-j", str(s["workers"]), "--randaugment" if s["randaugment"] else "--no-randaugment",
-        "--eval-interval", "0", "--seed", str(seed), "--device", device, "--no-progress",
+        "--eval-interval", str(s.get("eval_interval", 0)), "--seed", str(seed), "--device", device, "--no-progress",
         "--output", runs_dir, "--experiment", run_name(variant, seed),
     ]
     if s["model_kwargs"]:
@@ -282,9 +304,57 @@ def _finished(run_dir: str) -> bool:
                (("summary.csv",), ("last.pt",), ("eval-test", "metrics.json"), ("eval-train", "metrics.json")))
 
 
+# ---------------------------------------------------------------------------------------------- which code ran
+CODE_FILE = "code.json"
+
+
+def harness_provenance(env: dict | None = None) -> dict:
+    """The code the runs will execute: ``mskd_fast._provenance.code_provenance()`` evaluated the way a run imports
+    the package (``python`` with ``cwd`` and ``PYTHONPATH`` at this checkout)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import json, mskd_fast._provenance as p; print(json.dumps(p.code_provenance()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not read the package's provenance: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def code_label(code: dict | None) -> str:
+    """``commit[:9] / source sha256[:10]`` (``+ diff sha256[:8]`` when the tree was dirty)."""
+    if not code:
+        return "unknown (no code.json: trained before runs recorded their code)"
+    commit = (code.get("commit") or "no commit")[:9]
+    text = f"{commit} / src {str(code.get('source_hash'))[:10]}"
+    return text + (f" + diff {str(code.get('diff_hash'))[:8]}" if code.get("dirty") else "")
+
+
+def read_code(run_dir: str) -> dict | None:
+    """The ``code.json`` of a finished run (``None`` when it has none)."""
+    path = os.path.join(run_dir, CODE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _recorded_hashes(run_dir: str) -> dict[str, str | None]:
+    """The ``source_hash`` the trainer (``args.yaml``) and each evaluation (``metrics.json``) recorded."""
+    import yaml
+
+    out = {}
+    with open(os.path.join(run_dir, "args.yaml"), encoding="utf-8") as fh:
+        out["train"] = ((yaml.safe_load(fh) or {}).get("resolved") or {}).get("code", {}).get("source_hash")
+    for sub in ("eval-test", "eval-train"):
+        with open(os.path.join(run_dir, sub, "metrics.json"), encoding="utf-8") as fh:
+            out[sub] = (json.load(fh).get("code") or {}).get("source_hash")
+    return out
+
+
 def run_job(variant: Variant, seed: int, settings: dict, device: str, out_dir: str,
             synthetic_cache: str | None) -> None:
-    """Train one run and evaluate it on test and train-fit (subprocesses, output in ``logs/``)."""
+    """Train one run and evaluate it on test and train-fit (subprocesses, output in ``logs/``); then check that
+    the trainer and both evaluations ran the code of ``settings["code"]`` and write it as ``code.json``."""
     runs_dir, logs_dir = os.path.join(out_dir, "runs"), os.path.join(out_dir, "logs")
     name = run_name(variant, seed)
     run_dir = os.path.join(runs_dir, name)
@@ -307,6 +377,16 @@ def run_job(variant: Variant, seed: int, settings: dict, device: str, out_dir: s
             if code != 0:
                 raise RuntimeError(f"run {name}: python -m {module} failed with exit code {code}; see "
                                    f"{os.path.join(logs_dir, name + '.log')}")
+    expected = settings.get("code")
+    if expected is not None:
+        seen = _recorded_hashes(run_dir)
+        changed = {k: v for k, v in seen.items() if v != expected["source_hash"]}
+        if changed:
+            raise RuntimeError(f"run {name}: the package source changed while it ran (expected source hash "
+                               f"{expected['source_hash'][:10]}, recorded {changed}); it is not counted")
+        from mskd_fast.reports import write_text
+
+        write_text(os.path.join(run_dir, CODE_FILE), json.dumps(expected, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -342,12 +422,13 @@ def read_run(run_dir: str, epochs: int) -> dict:
                   "found": int(r["found"]), "recall": _float(r["recall"])} for r in csv.DictReader(fh)]
     signals = {k: _float(last.get(k)) for k in ("top1_mode_frac", "max_abs_logit", "top1_classes", "collapse",
                                                  "bce_rise")}
-    # The flag is re-derived from the recorded signals with this checkout's guard (mskd_fast/collapse.py), so a
-    # guard corrected after a run was trained applies to it; the trainer's own flag is kept beside it.
+    # The flag is the trainer's own: the guard of the code that trained the run (frozen with its source hash).
+    # The guard of this checkout (mskd_fast/collapse.py) re-derives it from the recorded signals beside it, so a
+    # guard changed during a study shows up as a disagreement in the tables, with both verdicts.
     from mskd_fast.collapse import collapse_reasons
 
     signals["collapse_trainer"] = signals["collapse"]
-    signals["collapse"] = float(bool(collapse_reasons(signals)))
+    signals["collapse_current_guard"] = float(bool(collapse_reasons(signals)))
     return {
         "test": {k: _float(test[k]) for k in ALL_METRICS if k in test},  # mskd_fast.evaluate's flat metrics.json
         "val": {k: _float(last[k]) for k in ALL_METRICS if k in last},
@@ -359,6 +440,8 @@ def read_run(run_dir: str, epochs: int) -> dict:
         "signals": signals,
         "train_time_s": sum(_float(r["train_time_s"]) for r in rows),
         "scale_recall": scale,
+        "val_history": [_float(r.get("mAP")) for r in rows],
+        "code": read_code(run_dir),
     }
 
 
@@ -476,19 +559,22 @@ def settings_text(profile: str, settings: dict, seeds: list[int]) -> str:
     s = settings
     kwargs = f" ({', '.join(s['model_kwargs'])})" if s["model_kwargs"] else ""
     n_val = synthetic_val_size(s["synthetic_size"])
-    fashion_suite = s.get("suite") == "fashion"
+    fashion_suite = s.get("suite") in ("fashion", "schedule")
     init = "pretrained here on single Fashion-MNIST items" if fashion_suite else "random init"
     data = ("fashion-multi (10 classes, 1-4 Fashion-MNIST items per image, items 50,000-59,999 for train, the "
             "official test items for test)" if fashion_suite else "synthetic dataset (20 classes)")
     return (
         f"- profile `{profile}`: timm `{s['model']}`{kwargs}, {init}, {s['img_size']} px, batch "
-        f"{s['batch_size']}, {s['epochs']} epochs, SGD LR {s['lr']} (cosine, {s['warmup_epochs']} warm-up epochs), "
+        f"{s['batch_size']}, {s['epochs']} epochs, SGD momentum 0.9, head LR "
+        f"{'calibrated on val (phase 0)' if s['lr'] is None else s['lr']} (cosine, {s['warmup_epochs']} warm-up "
+        f"epochs), weight decay {s.get('weight_decay') or 5e-4:g}, "
         f"RandAugment {'on' if s['randaugment'] else 'off'}, {'bf16 autocast' if s['amp'] else 'float32'}, "
         f"loader {s['loader']}, {s['threads'] or 'all'} thread(s) per run, {s['jobs']} run(s) at a time; "
         f"seeds {', '.join(map(str, seeds))}\n"
         f"- data: {data} generated at {s['synthetic_img_size']} px: train-fit "
         f"{s['synthetic_size'] - n_val} / val {n_val} (the last 20 % of train) / test {s['synthetic_test_size']}; "
-        f"each run is evaluated once after its last epoch on val (trainer), then test and train-fit (evaluate)\n"
+        f"each run is evaluated on val {'after every epoch' if s.get('eval_interval') == 1 else 'after its last epoch'}"
+        f" (trainer), then on test and train-fit (evaluate)\n"
     )
 
 
@@ -541,13 +627,27 @@ def write_outputs(out_dir: str, runs: list[dict], variants: list[Variant], profi
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _pending(variants, seeds, runs_dir: str, overwrite: bool) -> tuple[list, list[str]]:
-    """The ``(variant, seed)`` jobs still to train and the names of finished runs that are reused."""
+def _reusable(run_dir: str, code: dict | None, reuse_other_code: bool) -> bool:
+    """A finished run is reused when it recorded the current source hash (``code``), or with
+    ``reuse_other_code`` whatever code trained it (the tables then name its code). Without ``code`` (a study
+    that does not track its code) every finished run is reused."""
+    if not _finished(run_dir):
+        return False
+    if code is None or reuse_other_code:
+        return True
+    recorded = read_code(run_dir)
+    return recorded is not None and recorded.get("source_hash") == code["source_hash"]
+
+
+def _pending(variants, seeds, runs_dir: str, overwrite: bool, code: dict | None = None,
+             reuse_other_code: bool = False) -> tuple[list, list[str]]:
+    """The ``(variant, seed)`` jobs still to train and the names of finished runs that are reused (only those
+    trained by the current code, :func:`_reusable`; the others are trained again)."""
     jobs, reused = [], []
     for v in variants:
         for seed in seeds:
             run_dir = os.path.join(runs_dir, run_name(v, seed))
-            if _finished(run_dir) and not overwrite:
+            if _reusable(run_dir, code, reuse_other_code) and not overwrite:
                 reused.append(run_name(v, seed))
                 continue
             if os.path.exists(run_dir):  # unfinished (or --overwrite): train it again from scratch
@@ -603,10 +703,20 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(runs_dir, exist_ok=True)
     os.makedirs(logs_dir, exist_ok=True)
     command = "python bench/accuracy_study.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    try:
+        settings["code"] = code = harness_provenance()
+    except RuntimeError as exc:
+        parser.error(str(exc))
+    if code.get("dirty") and not args.allow_dirty:
+        parser.error(f"the package source in {REPO} has uncommitted changes (mskd_fast/, kernels/, csrc/, setup.py, "
+                     "pyproject.toml): commit them, or pass --allow-dirty to record the diff's hash with every run")
+    print(f"code: {code_label(code)} (source sha256 {code['source_hash']})", flush=True)
     if settings.get("suite") == "fashion":
         return main_fashion(args, profile, settings, device, out_dir, command)
+    if settings.get("suite") == "schedule":
+        return main_schedule(args, profile, settings, device, out_dir, command)
     variants = study_variants(args.ablations)
-    jobs, reused = _pending(variants, args.seeds, runs_dir, args.overwrite)
+    jobs, reused = _pending(variants, args.seeds, runs_dir, args.overwrite, code, args.reuse_other_code)
     print(f"accuracy study: profile {profile} on {device}; {len(variants)} variants x {len(args.seeds)} seeds; "
           f"{len(jobs)} runs to train, {len(reused)} reused", flush=True)
     print(settings_text(profile, settings, args.seeds), end="", flush=True)
@@ -633,7 +743,8 @@ def main_fashion(args, profile: str, settings: dict, device: str, out_dir: str, 
     failures: list[str] = []
 
     def run(variants, run_seeds, phase: str) -> None:
-        jobs, reused = _pending(variants, run_seeds, runs_dir, args.overwrite)
+        jobs, reused = _pending(variants, run_seeds, runs_dir, args.overwrite, settings["code"],
+                                args.reuse_other_code)
         print(f"{phase}: {len(variants)} variants x {len(run_seeds)} seeds; {len(jobs)} runs to train, "
               f"{len(reused)} reused", flush=True)
         failures.extend(train_jobs(jobs, settings, device, out_dir, args.synthetic_cache))
@@ -740,3 +851,168 @@ def write_outputs_fashion(out_dir: str, runs: list[dict], variants: list, decisi
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------- the schedule
+def main_schedule(args, profile: str, settings: dict, device: str, out_dir: str, command: str) -> int:
+    """The schedule study (bench/study_schedule.py): LR calibration, phase 1, stable's fallbacks, ablations and
+    extra seeds, the decision; writes results.md, results.json and val_map_per_epoch.png."""
+    import study_schedule as sched
+
+    settings["fashion_dir"] = args.fashion_dir
+    runs_dir = os.path.join(out_dir, "runs")
+    seeds = list(args.seeds)
+    smoke = args.smoke
+    print(f"accuracy study: profile {profile} on {device} (the paper's schedule in miniature, "
+          "bench/study_schedule.py)", flush=True)
+    print(settings_text(profile, settings, seeds), end="", flush=True)
+    print(f"data: {prepare_dataset(settings, args.synthetic_cache)}", flush=True)
+    settings["initial_checkpoint"] = prepare_backbone(settings, args.synthetic_cache)
+    failures: list[str] = []
+
+    def run(variants, run_seeds, phase: str) -> None:
+        jobs, reused = _pending(variants, run_seeds, runs_dir, args.overwrite, settings["code"],
+                                args.reuse_other_code)
+        print(f"{phase}: {len(variants)} variants x {len(run_seeds)} seeds; {len(jobs)} runs to train, "
+              f"{len(reused)} reused", flush=True)
+        failures.extend(train_jobs(jobs, settings, device, out_dir, args.synthetic_cache))
+
+    def cand(variants, pool) -> dict:
+        return {v.name: _candidate(v, pool, settings, runs_dir) for v in variants}
+
+    # Phase 0: the head LR, vanilla only.
+    calib = sched.calibration()[:2] if smoke else sched.calibration()
+    run(calib, seeds[:1], "phase 0 (head LR, vanilla, first seed)")
+    val_by_lr = {}
+    for v in calib:
+        rs = collect([v], seeds[:1], settings, runs_dir)
+        val_by_lr[float(v.flags[-1])] = rs[0]["val"]["mAP"] if rs else math.nan
+    lr_choice = sched.choose_lr(val_by_lr)
+    if lr_choice["chosen"] is None:
+        print("error: no calibration run finished; the study cannot go on", file=sys.stderr, flush=True)
+        return 1
+    lr = lr_choice["chosen"]
+    settings["lr"] = lr
+    print(f"head LR: {lr:g} (rule 0; val mAP by LR: "
+          + ", ".join(f"{k:g}: {m:.2f}" for k, m in val_by_lr.items()) + ")", flush=True)
+
+    # Phase 1.
+    phase1 = [sched.VANILLA, sched.DEFAULT, sched.STABLE] if smoke else list(sched.PHASE1)
+    run(phase1, seeds, f"phase 1 (at head LR {lr:g})")
+    stable_rows = collect([sched.STABLE], seeds, settings, runs_dir)
+    stable_collapsed = any(r["signals"]["collapse"] == 1 for r in stable_rows)
+
+    # Phase 2: can the full method train at all under this schedule?
+    phase2: list = []
+    stable_highest_ok = None
+    if stable_collapsed or smoke:
+        phase2.append(sched.STABLE_BN_BATCH)
+        why = "stable collapsed" if stable_collapsed else "smoke test"
+        run([sched.STABLE_BN_BATCH], seeds, f"phase 2 ({why}: a batch-statistics S-SD teacher)")
+        for lower in sched.lower_lrs(lr)[:1] if smoke else sched.lower_lrs(lr):
+            v = sched.stable_at(lower)
+            phase2.append(v)
+            run([v], seeds, f"phase 2 (stable at head LR {lower:g})")
+            rows = collect([v], seeds, settings, runs_dir)
+            if rows and not any(r["signals"]["collapse"] == 1 for r in rows):
+                stable_highest_ok = v.name
+                break
+
+    # Phase 3: the ablations of the best MSKD variant, then the extra seeds.
+    mskd_same = [v for v in [*phase1, *phase2] if v.kind == "mskd"]
+    best = sched.best_mskd(cand([v for v in mskd_same if "--lr" not in v.flags], seeds))
+    best_variant = next((v for v in mskd_same if v.name == best), None)
+    ablations = fashion.ablations(best_variant) if best_variant is not None else []
+    if smoke:
+        ablations = ablations[:1]
+    if ablations:
+        run(ablations, seeds, f"phase 3 (ablations of {best})")
+    same_budget = [v for v in [*phase1, *phase2, *ablations] if "--lr" not in v.flags]
+    ranked = sorted((v for v in same_budget if v.kind != "vanilla"),
+                    key=lambda v: -fashion.mean_std([r["val"]["mAP"] for r in collect([v], seeds, settings,
+                                                                                         runs_dir)])[0])
+    extra = [sched.VANILLA, *ranked[:2]]
+    seeds_all = seeds if smoke else sorted(set(seeds) | set(sched.EXTRA_SEEDS))
+    if not smoke:
+        run(extra, list(sched.EXTRA_SEEDS), "phase 3 (seeds 4-5 of vanilla and the two best by val mAP)")
+
+    # Rule 3.
+    candidates = [v for v in [*phase1, *phase2, *ablations] if v.kind == "mskd" and "--lr" not in v.flags]
+    vanilla_val = [r["val"]["mAP"] for r in collect([sched.VANILLA], seeds_all, settings, runs_dir)]
+    decision = sched.decide(cand(candidates, seeds_all), vanilla_val, sched.DEFAULT.name)
+    variants = [*calib, *phase1, *phase2, *ablations]
+    runs = collect(variants, seeds_all, settings, runs_dir)
+    decisions = {"lr": lr_choice, "stable_collapsed": stable_collapsed, "stable_highest_ok": stable_highest_ok,
+                 "best_for_ablations": best, "extra_seeds": [v.name for v in extra], "default": decision}
+    if runs:
+        write_outputs_schedule(out_dir, runs, variants, decisions, profile, settings, seeds_all, device, command)
+        print(f"\nwrote {os.path.join(out_dir, 'results.md')}, results.json and val_map_per_epoch.png; default "
+              f"{'becomes ' + str(decision['default']) if decision['changes'] else 'unchanged'}", flush=True)
+    return 1 if failures else 0
+
+
+def write_outputs_schedule(out_dir: str, runs: list[dict], variants: list, decisions: dict, profile: str,
+                           settings: dict, seeds: list[int], device: str, command: str) -> dict:
+    """results.md (every table of the schedule study), results.json and the per-epoch val mAP plot."""
+    import study_schedule as sched
+
+    from mskd_fast.reports import write_text
+
+    info = machine_info(device)
+    groups = [(v, [r for r in runs if r["variant"] == v.name]) for v in variants]
+    groups = [(v, rs) for v, rs in groups if rs]
+    main_rows = [(v, rs) for v, rs in groups if v.kind != "calibration"]
+    vanilla = next((rs for v, rs in groups if v.kind == "vanilla"), [])
+    label = {v.name: v.label for v in variants}
+    d, lr = decisions["default"], decisions["lr"]
+    codes = sorted({code_label(r.get("code")) for r in runs})
+    plot = sched.plot_val_curves([(v, rs) for v, rs in main_rows if "--lr" not in v.flags],
+                                 os.path.join(out_dir, "val_map_per_epoch.png"))
+    ranking = "\n".join(f"| {label.get(n, n)} | {m:.2f} | {c} |" for n, m, c in d["ranking"])
+    verdict = (f"**the default becomes {label.get(d['default'], d['default'])}**" if d["changes"] and
+               d["default"] != sched.DEFAULT.name else
+               "**the default recipe stays `step`**" + (" (it is the best variant and clears the margin)"
+                                                        if d["changes"] else " (no MSKD variant clears the margin)"))
+    md = [
+        "# Accuracy study: the paper's schedule in miniature (fashion-multi, pretrained backbone)", "",
+        f"- machine: {info['device_name']} ({info['device']}); host CPU {info['cpu']}, {info['cpu_count']} cores; "
+        f"python {info['python']}, torch {info['torch']}; harness commit {info['commit']}; {info['date']}",
+        "- code that trained the rows (commit / package source sha256): " + "; ".join(codes)
+        + (" (one version for every row)" if len(codes) == 1 else " (**several versions: see the code column**)"),
+        settings_text(profile, settings, seeds).rstrip("\n"),
+        f"- backbone: `{os.path.basename(settings['initial_checkpoint'])}` (bench/fashion_pretrain.py), fine-tuned "
+        f"with backbone LR x0.1",
+        f"- command: `{command}`", "- every cell: mean ± sample standard deviation over the seeds run",
+        "- rules: bench/study_schedule.py (written before the runs); collapsed = the trainer's own guard", "",
+        "## Phase 0: head LR (vanilla, seed 1, val mAP after the last epoch)", "",
+        sched.lr_calibration_table(lr), "",
+        "## Test split (percent; the last epoch's model)", "", fashion.test_table(main_rows, vanilla),
+        "## Validation split (percent; every choice is made here)", "", fashion.val_table(main_rows),
+        "## Code and collapse verdicts per row", "", sched.code_table(main_rows, code_label),
+        "## Gradient diagnostics (last epoch; on the classifier, weighted terms; mskd_fast.diagnostics)", "",
+        fashion.diagnostics_table(main_rows),
+        "## Validation mAP per epoch (mean over seeds)", "", sched.curve_table(main_rows),
+        f"Plot: `{os.path.basename(plot)}`.", "",
+        "## Decisions (val only)", "",
+        f"- head LR: **{lr['chosen']:g}** (best {lr['best']:g}; a lower LR within {sched.LR_TIE} mAP is preferred)",
+        f"- `stable` collapsed at that LR (any seed): {'yes' if decisions['stable_collapsed'] else 'no'}"
+        + (f"; highest LR without a collapsed seed: {label.get(decisions['stable_highest_ok'])}"
+           if decisions["stable_highest_ok"] else ""),
+        f"- ablations ran for: {label.get(decisions['best_for_ablations'], decisions['best_for_ablations'])}",
+        f"- seeds 4-5 for: {', '.join(label[n] for n in decisions['extra_seeds'])}"
+        + (" (not run: smoke test)" if max(seeds) < max(sched.EXTRA_SEEDS) else ""), "",
+        "Rule 3: the best MSKD variant without a collapsed seed becomes the default only if its mean val mAP beats "
+        "vanilla's by more than one standard deviation (the larger of the two).", "",
+        "| candidate | val mAP | collapsed seeds |", "|---|---:|---:|", ranking, "",
+        f"best: {label.get(d['best'], d['best'])}; margin over vanilla {d['margin']:+.2f} mAP, needed > "
+        f"{d['threshold']:.2f}: {verdict}", "",
+        "## Recall by object size on test (percent of items whose class scored >= 0.5 in its image)", "",
+        fashion.scale_table(main_rows), "",
+    ]
+    write_text(os.path.join(out_dir, "results.md"), "\n".join(md))
+    doc = {"profile": profile, "settings": {**settings, "model_kwargs": list(settings["model_kwargs"])},
+           "seeds": seeds, "machine": info, "command": command, "decisions": decisions,
+           "variants": [{"name": v.name, "label": v.label, "flags": list(v.flags), "kind": v.kind}
+                        for v in variants], "runs": runs}
+    write_text(os.path.join(out_dir, "results.json"), json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
+    return doc

@@ -240,6 +240,7 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if ctx.is_main:
+            from mskd_fast._provenance import code_provenance
             from mskd_fast.reports import write_text
 
             try:
@@ -249,7 +250,8 @@ def main(argv=None) -> int:
                 summary.update(num_samples=result["num_samples"], skipped_samples=result["skipped_samples"],
                                excluded_classes=list(result["excluded_classes"]),
                                checkpoint=os.path.abspath(args.checkpoint), dataset=args.dataset, split=split,
-                               epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size)
+                               epoch=ckpt.get("epoch"), loader=backend, img_size=args.img_size,
+                               code=code_provenance())
                 write_text(os.path.join(out_dir, "metrics.json"), json.dumps(summary, indent=2) + "\n")
             except WriteError as exc:  # e.g. the disk filled up during the evaluation
                 print(f"error: {exc}", file=sys.stderr)

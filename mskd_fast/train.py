@@ -147,6 +147,7 @@ class Trainer:
     def _write_args_yaml(self) -> None:
         import yaml
 
+        from mskd_fast._provenance import code_provenance
         from mskd_fast.reports import write_text
 
         info = {
@@ -157,7 +158,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch, "num_classes": self.num_classes,
                 "train": self.train_index.summary(), "eval": self.eval_index.summary(),
                 "init": self.init_note, "notes": self.notes, "run_id": self.run_id,
-                "torch": str(torch.__version__),
+                "torch": str(torch.__version__), "code": code_provenance(),
             },
             "resumes": self.resumes,
         }

@@ -215,3 +215,109 @@ def test_fashion_rules(study):
     from mskd_fast.methods import METHODS
 
     assert {v.name for v in sf.METHODS} | {"ud"} == set(METHODS)  # every comparison method is in the study
+
+
+def test_schedule_rules(study):
+    import study_schedule as ss
+
+    # rule 0: the best LR, unless a lower one is within LR_TIE of it (the lowest such)
+    assert ss.choose_lr({0.01: 70.0, 0.05: 74.0, 0.2: 75.0, 0.8: 74.9})["chosen"] == 0.2
+    c = ss.choose_lr({0.01: 70.0, 0.05: 74.8, 0.2: 75.0, 0.8: 74.0})
+    assert c["best"] == 0.2 and c["chosen"] == 0.05
+    assert ss.choose_lr({0.01: math.nan, 0.05: 60.0})["chosen"] == 0.05
+    assert ss.choose_lr({0.01: math.nan})["chosen"] is None
+    assert ss.lower_lrs(0.2) == [0.05, 0.01] and ss.lower_lrs(0.01) == []
+    # rule 3: the best non-collapsed MSKD variant must beat vanilla by more than the larger std
+    vanilla = [75.0, 75.5, 76.0]  # std 0.5
+    d = ss.decide({"a": {"val": [76.2, 76.4, 76.6], "collapsed": [0, 0, 0]},
+                   "b": {"val": [80.0, 80.0, 80.0], "collapsed": [0, 1, 0]}}, vanilla, "default")
+    assert d["best"] == "a" and math.isclose(d["margin"], 0.9) and math.isclose(d["threshold"], 0.5)
+    assert d["changes"] and d["default"] == "a"
+    d = ss.decide({"a": {"val": [75.5, 76.5, 77.5], "collapsed": [0, 0, 0]}}, vanilla, "default")  # std 1.0
+    assert d["best"] == "a" and not d["changes"] and d["default"] == "default"
+    d = ss.decide({"a": {"val": [70.0], "collapsed": [1]}}, vanilla, "default")
+    assert d["best"] is None and not d["changes"]
+    names = [v.name for v in ss.PHASE1]
+    assert len(set(names)) == len(names) and names[0] == "vanilla"
+    from mskd_fast.losses import DEFAULT_RECIPE
+
+    assert ss.DEFAULT.flags[-1] == DEFAULT_RECIPE  # the code's default recipe
+    cal = ss.calibration()
+    assert [float(v.flags[-1]) for v in cal] == list(ss.LR_GRID) and all(v.flags[-2] == "--lr" for v in cal)
+    assert ss.stable_at(0.05).flags[-2:] == ("--lr", "0.05") and ss.stable_at(0.05).kind == "mskd"
+
+
+def test_schedule_profile_is_the_papers_schedule(study):
+    s = study.PROFILES["fashion-long"]
+    assert s["randaugment"] and s["weight_decay"] == 5e-4 and s["epochs"] >= 40 and s["eval_interval"] == 1
+    assert s["lr"] is None  # calibrated on val first (phase 0)
+    fashion = study.PROFILES["fashion"]
+    for key in ("dataset", "model", "model_kwargs", "img_size", "synthetic_size", "synthetic_test_size",
+                "batch_size", "pretrain"):
+        assert s[key] == fashion[key], key  # the same data and backbone as the 2026-12-02 study
+    import study_schedule as ss
+
+    argv = study.trainer_argv(ss.calibration()[0], dict(s), seed=1, device="cpu", runs_dir="/r",
+                              synthetic_cache=None)
+    assert argv.count("--lr") == 1 and argv[argv.index("--lr") + 1] == "0.01"
+    assert "--randaugment" in argv and argv[argv.index("--eval-interval") + 1] == "1"
+
+
+def test_study_refuses_a_dirty_tree_and_reruns_runs_of_other_code(study, tmp_path, monkeypatch, capsys):
+    dirty = {"commit": "abc", "dirty": True, "diff_hash": "d" * 64, "source_hash": "s" * 64, "roots": []}
+    monkeypatch.setattr(study, "harness_provenance", lambda env=None: dirty)
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--tiny", "--output", str(tmp_path / "x")])
+    assert exc.value.code == 2 and "--allow-dirty" in capsys.readouterr().err
+    # reuse: only a finished run whose code.json names the current source hash
+    run_dir = tmp_path / "runs" / "vanilla-s1"
+    for name in ("summary.csv", "last.pt", "eval-test/metrics.json", "eval-train/metrics.json"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")
+    code = {"source_hash": "a" * 64}
+    v = study.VANILLA
+    jobs, reused = study._pending([v], [1], str(tmp_path / "runs"), False, code)
+    assert reused == [] and jobs == [(v, 1)] and not run_dir.exists()  # no code.json: trained again
+    for name in ("summary.csv", "last.pt", "eval-test/metrics.json", "eval-train/metrics.json"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text("{}")
+    (run_dir / "code.json").write_text(json.dumps({"source_hash": "b" * 64}))
+    assert study._pending([v], [1], str(tmp_path / "runs"), False, code, reuse_other_code=True)[1] == ["vanilla-s1"]
+    assert study._pending([v], [1], str(tmp_path / "runs"), False, {"source_hash": "b" * 64})[1] == ["vanilla-s1"]
+    assert study._pending([v], [1], str(tmp_path / "runs"), False, code)[1] == []  # another hash: trained again
+
+
+@pytest.mark.slow
+def test_schedule_smoke_study_runs_every_phase(study, tmp_path, capsys):
+    """The schedule study's machinery end to end on tiny fake Fashion-MNIST files: LR calibration, phase 1, the
+    stable fallbacks, every table, the per-epoch plot, each run's code.json; its numbers mean nothing."""
+    from data_helpers import make_fake_fashion_mnist
+
+    fake = make_fake_fashion_mnist(str(tmp_path / "idx"))
+    out = tmp_path / "study"
+    argv = ["--profile", "fashion-long-tiny", "--smoke", "--device", "cpu", "--seeds", "1", "--output", str(out),
+            "--synthetic-cache", str(tmp_path / "cache"), "--fashion-dir", fake, "--allow-dirty"]
+    assert study.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "phase 0 (head LR" in printed and "head LR: " in printed and "phase 2" in printed
+    md = (out / "results.md").read_text()
+    for heading in ("## Phase 0: head LR", "## Test split", "## Validation split", "## Code and collapse verdicts",
+                    "## Gradient diagnostics", "## Validation mAP per epoch", "## Decisions", "## Recall by object"):
+        assert heading in md, heading
+    assert "one version for every row" in md
+    curves = _table_rows(md, "| run | ep 1 |")
+    assert {"Vanilla (BCE)", "MSKD stable"} <= set(curves) and all(len(c) == 2 for c in curves.values())
+    png = (out / "val_map_per_epoch.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    doc = json.loads((out / "results.json").read_text())
+    source = doc["settings"]["code"]["source_hash"]
+    for run in doc["runs"]:
+        assert run["code"]["source_hash"] == source and len(run["val_history"]) == 2
+        assert all(0.0 <= m <= 100.0 for m in run["val_history"])
+    args = (out / "runs" / "vanilla-s1" / "args.yaml").read_text()
+    assert "weight_decay: 0.0005" in args and "randaugment: true" in args and source in args
+    assert doc["decisions"]["lr"]["chosen"] in (0.01, 0.05)
+    # A second start reuses every run (same code).
+    assert study.main(argv) == 0
+    phases = [line for line in capsys.readouterr().out.splitlines() if "runs to train" in line]
+    assert phases and all("; 0 runs to train" in line for line in phases)
