@@ -82,13 +82,13 @@ PROFILES = {
         suite="schedule", dataset="fashion-multi", model="resnet10t", model_kwargs=("output_stride=16",), img_size=64,
         synthetic_img_size=64, synthetic_size=1250, synthetic_test_size=1500, batch_size=32, epochs=40, lr=None,
         warmup_epochs=0, weight_decay=5e-4, amp=False, workers=0, loader="torch", randaugment=True, threads=1,
-        jobs=2, eval_interval=1, pretrain=dict(epochs=3, lr=0.1, items=None),
+        jobs=2, eval_interval=1, stop_on_collapse=2, pretrain=dict(epochs=3, lr=0.1, items=None),
     ),
     "fashion-long-tiny": dict(
         suite="schedule", dataset="fashion-multi", model="resnet10t",
         model_kwargs=("channels=(8,16,32,64)", "stem_width=8"), img_size=32, synthetic_img_size=32, synthetic_size=20,
         synthetic_test_size=12, batch_size=10, epochs=2, lr=None, warmup_epochs=0, weight_decay=5e-4, amp=False,
-        workers=0, loader="torch", randaugment=True, threads=1, jobs=2, eval_interval=1,
+        workers=0, loader="torch", randaugment=True, threads=1, jobs=2, eval_interval=1, stop_on_collapse=2,
         pretrain=dict(epochs=1, lr=0.1, items=256),
     ),
     "fashion-tiny": dict(
@@ -256,6 +256,8 @@ def trainer_argv(variant: Variant, settings: dict, *, seed: int, device: str, ru
         argv += ["--model-kwargs", *s["model_kwargs"]]
     if s.get("initial_checkpoint"):
         argv += ["--initial-checkpoint", s["initial_checkpoint"]]
+    if s.get("stop_on_collapse"):
+        argv += ["--stop-on-collapse", str(s["stop_on_collapse"])]
     if s.get("weight_decay") is not None:
         argv += ["--weight-decay", str(s["weight_decay"])]
     if s["amp"]:
@@ -410,9 +412,10 @@ def read_run(run_dir: str, epochs: int) -> dict:
     path = os.path.join(run_dir, "summary.csv")
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    if not rows or rows[-1].get("epoch") != str(epochs):
+    last = rows[-1] if rows else {}
+    stopped = bool(rows) and last.get("epoch") != str(epochs) and _float(last.get("collapse")) == 1
+    if not rows or (last.get("epoch") != str(epochs) and not stopped):
         raise RuntimeError(f"{path}: the run did not finish its {epochs} epochs")
-    last = rows[-1]
     with open(os.path.join(run_dir, "eval-test", "metrics.json")) as fh:
         test = json.load(fh)
     with open(os.path.join(run_dir, "eval-train", "metrics.json")) as fh:
@@ -441,6 +444,7 @@ def read_run(run_dir: str, epochs: int) -> dict:
         "train_time_s": sum(_float(r["train_time_s"]) for r in rows),
         "scale_recall": scale,
         "val_history": [_float(r.get("mAP")) for r in rows],
+        "stopped_epoch": int(last["epoch"]) if stopped else None,  # --stop-on-collapse ended it there
         "code": read_code(run_dir),
     }
 

@@ -8,6 +8,11 @@ names; docs/ACCURACY.md). Every run fine-tunes the real-object study's pretraine
 decay 5e-4, cosine, batch 32, backbone LR x0.1, no warm-up; only the method flags (and, where named, the head LR)
 differ. Every run is evaluated on val after every epoch (the per-epoch curves), then on test and train-fit.
 
+A run whose trainer's collapse guard flags two consecutive evaluations is stopped there
+(``--stop-on-collapse 2``: a collapsed run's later epochs carry no information and cost up to half the study's
+time); it counts as collapsed, its test and train-fit numbers are those of its last model, and its curve ends
+there. A variant with a collapsed seed is never chosen.
+
 Phase 0, the head LR (vanilla only, seed 1, before any other run): each LR of :data:`LR_GRID`. Rule 0: the LR
 with the best val mAP, except that a lower LR within :data:`LR_TIE` mAP of the best is taken instead (the lowest
 such; the paper's head LR is 0.01, so among equals the one nearer its regime).
@@ -127,29 +132,43 @@ def code_table(groups: list[tuple[Variant, list[dict]]], code_label) -> str:
     """Per variant: the code of its runs, and the collapse verdicts of the trainer's guard (the rule's input)
     and of this checkout's guard (they differ only if the guard changed after the runs)."""
     lines = fashion._header(["run", "code (commit / source sha256)", "collapsed (trainer's guard)",
-                             "collapsed (this checkout's guard)"])
+                             "collapsed (this checkout's guard)", "stopped as collapsed at epoch"])
     for v, rs in groups:
         codes = sorted({code_label(r.get("code")) for r in rs})
         lines.append(fashion._row([v.label, "; ".join(codes),
                                    f"{sum(1 for r in rs if r['signals']['collapse'] == 1)}/{len(rs)}",
                                    f"{sum(1 for r in rs if r['signals'].get('collapse_current_guard') == 1)}"
-                                   f"/{len(rs)}"]))
+                                   f"/{len(rs)}", ", ".join(map(str, _stopped(rs))) or "-"]))
     return "\n".join(lines) + "\n"
 
 
+def _at(rs: list[dict], e: int) -> list[float]:
+    """The val mAP of epoch ``e`` (0-based) of the runs that reached it (a run stopped as collapsed did not)."""
+    return [r["val_history"][e] for r in rs if e < len(r["val_history"])]
+
+
 def mean_curve(rs: list[dict]) -> list[float]:
-    """Mean over seeds of the val mAP per epoch (NaN where an epoch was not evaluated)."""
-    epochs = min(len(r["val_history"]) for r in rs)
-    return [mean_std([r["val_history"][e] for r in rs])[0] for e in range(epochs)]
+    """Mean over the seeds that reached each epoch of the val mAP per epoch (NaN where none was evaluated)."""
+    epochs = max(len(r["val_history"]) for r in rs)
+    return [mean_std(_at(rs, e))[0] for e in range(epochs)]
+
+
+def _stopped(rs: list[dict]) -> list[int]:
+    return sorted(r["stopped_epoch"] for r in rs if r.get("stopped_epoch"))
 
 
 def curve_table(groups: list[tuple[Variant, list[dict]]], every: int = 5) -> str:
-    """Val mAP at every ``every``-th epoch (and the last), mean ± std over seeds."""
-    n = min(len(r["val_history"]) for _, rs in groups for r in rs)
+    """Val mAP at every ``every``-th epoch (and the first and last), mean ± std over the seeds that reached it
+    (their count in brackets when a seed was stopped as collapsed before), and the stop epochs."""
+    n = max(len(r["val_history"]) for _, rs in groups for r in rs)
     marks = sorted({e for e in range(every - 1, n, every)} | {0, n - 1})
-    lines = fashion._header(["run", *(f"ep {e + 1}" for e in marks)])
+    lines = fashion._header(["run", *(f"ep {e + 1}" for e in marks), "stopped as collapsed at epoch"])
     for v, rs in groups:
-        lines.append(fashion._row([v.label, *(fashion.pm([r["val_history"][e] for r in rs], 1) for e in marks)]))
+        cells = []
+        for e in marks:
+            vals = _at(rs, e)
+            cells.append(fashion.pm(vals, 1) + (f" ({len(vals)})" if len(vals) < len(rs) else ""))
+        lines.append(fashion._row([v.label, *cells, ", ".join(map(str, _stopped(rs))) or "-"]))
     return "\n".join(lines) + "\n"
 
 
@@ -167,8 +186,13 @@ def plot_val_curves(groups: list[tuple[Variant, list[dict]]], path: str) -> str:
         curve = mean_curve(rs)
         points = [(e + 1, m) for e, m in enumerate(curve) if not math.isnan(m)]
         style = "-" if v.kind in ("vanilla", "mskd") else "--"
-        ax.plot([e for e, _ in points], [m for _, m in points], style, marker="o", markersize=2,
-                label=f"{v.label} ({len(rs)} seeds)", linewidth=2.2 if v.kind == "vanilla" else 1.2)
+        stops = _stopped(rs)
+        note = f"; {len(stops)} stopped as collapsed" if stops else ""
+        line, = ax.plot([e for e, _ in points], [m for _, m in points], style, marker="o", markersize=2,
+                        label=f"{v.label} ({len(rs)} seeds{note})", linewidth=2.2 if v.kind == "vanilla" else 1.2)
+        for e in stops:  # where a seed was stopped: the mean goes on over the other seeds
+            if e - 1 < len(curve) and not math.isnan(curve[e - 1]):
+                ax.plot([e], [curve[e - 1]], "x", color=line.get_color(), markersize=8)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val mAP (%)")
     ax.set_title("validation mAP per epoch, mean over seeds")

@@ -1,4 +1,6 @@
-"""Crop boxes of MSKD's L-SD/R-SD crops (SPEC 6): random-resized-crop boxes or the four corner crops."""
+"""Crop boxes of MSKD's L-SD/R-SD crops (SPEC 6): random-resized-crop boxes or the four corner crops; and, as a
+study instrument only, crops placed on the annotated objects (:func:`object_boxes`, ``--crop-mode boxes`` of
+``bench/rsd_teacher_probe.py``: an oracle that needs ground-truth boxes, never a recipe)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import math
 
 import torch
 
-__all__ = ["CROP_MODES", "RANDOM_AREA", "check_area", "sample_boxes"]
+__all__ = ["CROP_MODES", "RANDOM_AREA", "check_area", "object_boxes", "sample_boxes"]
 
 CROP_MODES = ("random", "corners")
 RANDOM_AREA = (0.2, 0.3)
@@ -71,3 +73,51 @@ def sample_boxes(
     x1 = u[..., 2] * (width - w)
     y1 = u[..., 3] * (height - h)
     return torch.stack([x1, y1, x1 + w, y1 + h], dim=-1)
+
+
+def object_boxes(
+    objects: list,
+    crops: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | None = None,
+    area: tuple[float, float] = RANDOM_AREA,
+) -> torch.Tensor:
+    """Crop boxes ``(B,S,4)`` float32 ``(x1,y1,x2,y2)`` placed on annotated objects (the R-SD oracle, issue 24).
+
+    ``objects`` holds one ``(n_i, 4)`` array or tensor per image: the image's object boxes ``(x1,y1,x2,y2)`` in
+    the pixel coordinates of the ``height x width`` input the crops are cut from. Crop ``s`` of image ``i`` is
+    object ``perm_i[s % n_i]`` (``perm_i`` a random order of the image's objects; objects are reused when
+    ``n_i < S``) grown about its centre, at its own aspect ratio, to an area fraction ~ U(``area``) of the image,
+    or the object box itself when it is already larger; a side longer than the image is clipped to it and the
+    box is shifted inside the image. An image without objects gets random-resized-crop boxes
+    (:func:`sample_boxes`). Drawn with ``generator`` on the CPU (a host loop: a probe instrument, not a
+    training path). Raises ``ValueError`` when ``objects`` is ``None`` (data without boxes) or malformed.
+    """
+    if objects is None:
+        raise ValueError("crop mode 'boxes' needs the dataset's object boxes (a dataset with boxes, e.g. "
+                         "fashion-multi, VOC or COCO); this data has none")
+    lo, hi = check_area(area, "area")
+    if crops < 1 or height < 1 or width < 1:
+        raise ValueError(f"crops, height, width must be >= 1, got {(crops, height, width)}")
+    out = torch.empty(len(objects), crops, 4, dtype=torch.float32)
+    for i, obj in enumerate(objects):
+        obj = torch.as_tensor(obj, dtype=torch.float32).reshape(-1, 4) if obj is not None else torch.empty(0, 4)
+        if obj.numel() and not bool(((obj[:, 2] >= obj[:, 0]) & (obj[:, 3] >= obj[:, 1])).all()):
+            raise ValueError(f"objects[{i}] must hold (x1, y1, x2, y2) boxes with x2 >= x1 and y2 >= y1")
+        if obj.shape[0] == 0:
+            out[i] = sample_boxes(1, crops, height, width, generator=generator, area=(lo, hi))[0]
+            continue
+        perm = torch.randperm(obj.shape[0], generator=generator)
+        pick = obj[perm[torch.arange(crops) % obj.shape[0]]]
+        target = (lo + (hi - lo) * torch.rand(crops, generator=generator)) * (height * width)
+        w, h = (pick[:, 2] - pick[:, 0]).clamp(min=1.0), (pick[:, 3] - pick[:, 1]).clamp(min=1.0)
+        grow = torch.sqrt(target / (w * h)).clamp(min=1.0)
+        w, h = (w * grow).clamp(max=float(width)), (h * grow).clamp(max=float(height))
+        cx, cy = (pick[:, 0] + pick[:, 2]) / 2, (pick[:, 1] + pick[:, 3]) / 2
+        x1 = (cx - w / 2).clamp(min=0.0)
+        y1 = (cy - h / 2).clamp(min=0.0)
+        x1 = torch.minimum(x1, width - w)
+        y1 = torch.minimum(y1, height - h)
+        out[i] = torch.stack([x1, y1, x1 + w, y1 + h], dim=-1)
+    return out

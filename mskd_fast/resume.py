@@ -34,7 +34,7 @@ __all__ = [
 
 RESUME_OVERRIDABLE = {
     "epochs", "log_interval", "eval_interval", "workers", "loader", "device", "no_progress", "data_dir",
-    "synthetic_cache", "output", "experiment", "resume", "on_bad_image", "dist_timeout",
+    "synthetic_cache", "output", "experiment", "resume", "on_bad_image", "dist_timeout", "stop_on_collapse",
 }
 RESUME_ADJUSTABLE = {"lr", "clip_grad"}
 

@@ -282,6 +282,11 @@ class Trainer:
                 except ImageDecodeError as exc:  # met by the evaluation
                     return self._stop_bad_image(exc)
                 epoch_t0 = window_t = time.time()
+                if a.stop_on_collapse and self.collapse_streak() >= a.stop_on_collapse and not stop:
+                    self._say(f"stopped early after epoch {epoch + 1} of {a.epochs}: the collapse guard flagged "
+                              f"{a.stop_on_collapse} consecutive evaluations (--stop-on-collapse); last.pt holds "
+                              f"this epoch's model")
+                    break
             if stop:
                 return self._stop(stop)
             cur = nxt
@@ -290,6 +295,18 @@ class Trainer:
 
             self._say(final_summary(self))
         return 0
+
+    def collapse_streak(self) -> int:
+        """How many of the last evaluations, in a row up to the latest, the collapse guard flagged (from
+        ``history``, so a resumed run counts the same)."""
+        streak = 0
+        for row in reversed(self.history):
+            if not row.get("eval_samples"):
+                continue  # an epoch without evaluation neither breaks nor extends the streak
+            if not row.get("collapse"):
+                break
+            streak += 1
+        return streak
 
     def _sd_scale(self, step: int) -> float:
         """The self-distillation warm-up factor of optimizer step ``step`` (0-based): ``(step+1) / W``, then 1."""

@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between progress updates (and non-finite / stop-signal checks)")
     r.add_argument("--eval-interval", type=int, default=1,
                    help="evaluate every N epochs (the last epoch is always evaluated); 0 = last epoch only")
+    r.add_argument("--stop-on-collapse", type=int, default=0, metavar="N",
+                   help="end the run early (exit code 0, last.pt and reports written) once the collapse guard has "
+                        "flagged N consecutive evaluations; 0 = never (the guard only reports)")
     r.add_argument("--threshold", type=float, default=0.5, help="probability threshold of OP/OR/OF1/CP/CR/CF1")
     r.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     r.add_argument("--dist-timeout", type=float, default=10.0, metavar="MIN",
@@ -388,6 +391,7 @@ def validate(args: argparse.Namespace) -> None:
     _need(0 <= args.seed <= 2**32 - 1, "--seed", "an int in [0, 2**32 - 1]", args.seed)
     _need(args.log_interval >= 1, "--log-interval", ">= 1", args.log_interval)
     _need(args.eval_interval >= 0, "--eval-interval", ">= 0", args.eval_interval)
+    _need(args.stop_on_collapse >= 0, "--stop-on-collapse", ">= 0 (0 = never)", args.stop_on_collapse)
     _need(finite(args.threshold) and 0 < args.threshold < 1, "--threshold", "in (0, 1)", args.threshold)
     if args.num_classes is not None:
         _need(args.num_classes >= 1, "--num-classes", ">= 1", args.num_classes)

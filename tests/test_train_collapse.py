@@ -85,3 +85,42 @@ def test_healthy_run_does_not_warn(flags, tmp_path, capsys):
     rows = _rows(tmp_path / "ok")
     assert [r["collapse"] for r in rows] == ["0", "0", "0"]
     assert all(float(r["max_abs_logit"]) < 10 for r in rows)
+
+
+@pytest.mark.slow
+def test_stop_on_collapse_ends_the_run_after_n_flagged_evaluations(tmp_path, capsys, monkeypatch):
+    """``--stop-on-collapse 2``: the guard flags epochs 2 and 3 of 5 (scripted), so the run ends after epoch 3
+    with exit code 0, its last.pt and reports written; an unflagged epoch in between restarts the count."""
+    import mskd_fast.collapse as collapse
+
+    flagged = {2, 3}
+    calls = []
+
+    def scripted(signals):
+        calls.append(1)
+        return ["scripted collapse"] if len(calls) in flagged else []
+
+    monkeypatch.setattr(collapse, "collapse_reasons", scripted)
+    argv = tiny_run_argv(tmp_path / "cache", tmp_path, "stop", "--method", "vanilla", "--stop-on-collapse", "2",
+                         epochs=5, log_interval=100)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped early after epoch 3 of 5" in out and "--stop-on-collapse" in out
+    rows = _rows(tmp_path / "stop")
+    assert [r["collapse"] for r in rows] == ["0", "1", "1"]
+    assert (tmp_path / "stop" / "last.pt").is_file()
+
+    calls.clear()
+    flagged.clear()
+    flagged.update({1, 3, 4})  # 1 alone does not stop it; 3 and 4 do
+    argv = tiny_run_argv(tmp_path / "cache", tmp_path, "stop2", "--method", "vanilla", "--stop-on-collapse", "2",
+                         epochs=5, log_interval=100)
+    assert main(argv) == 0
+    assert [r["collapse"] for r in _rows(tmp_path / "stop2")] == ["1", "0", "1", "1"]
+    # 0 (the default) never stops
+    calls.clear()
+    flagged.clear()
+    flagged.update({1, 2, 3})
+    assert main(tiny_run_argv(tmp_path / "cache", tmp_path, "never", "--method", "vanilla", epochs=3,
+                              log_interval=100)) == 0
+    assert len(_rows(tmp_path / "never")) == 3
