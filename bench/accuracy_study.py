@@ -853,9 +853,6 @@ def write_outputs_fashion(out_dir: str, runs: list[dict], variants: list, decisi
     return doc
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 # ---------------------------------------------------------------------------------------------- the schedule
 def main_schedule(args, profile: str, settings: dict, device: str, out_dir: str, command: str) -> int:
@@ -1020,3 +1017,7 @@ def write_outputs_schedule(out_dir: str, runs: list[dict], variants: list, decis
                         for v in variants], "runs": runs}
     write_text(os.path.join(out_dir, "results.json"), json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
     return doc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
