@@ -15,6 +15,14 @@ the teacher with the student's scale (``stable``'s):
 Crops are drawn with a fixed generator, so every checkpoint sees the same boxes. CPU, no gradient through the
 network. Not a test; the results go into docs/ACCURACY.md.
 
+``--crop-mode boxes`` is the oracle of issue 24, a study instrument and never a recipe: the ``S`` crops of an
+image are placed on its annotated objects (``mskd_fast.boxes.object_boxes``: each object box grown about its
+centre to the crop area, or the box itself when larger; objects reused when an image has fewer than ``S``;
+random crops for an image without objects). It needs a dataset with boxes (``fashion-multi``, VOC, COCO) and
+says so otherwise. Its stop rule, written before the probe ran: if the oracle teacher (``mAP z matched``) is not
+within 1 val mAP of the student (``mAP q``) or above it on all three study checkpoints, R-SD's premise fails in
+this regime whatever the crop placement.
+
     .venv/bin/python bench/rsd_teacher_probe.py --checkpoint RUN/last.pt [RUN2/last.pt ...] --split val
 """
 
@@ -27,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from mskd_fast import ops
-from mskd_fast.boxes import sample_boxes
+from mskd_fast.boxes import object_boxes, sample_boxes
 from mskd_fast.checkpoint import load_checkpoint
 from mskd_fast.data import build_loader, index_from_args
 from mskd_fast.evaluate import _DATA_KEYS, model_from_checkpoint
@@ -43,7 +51,20 @@ def _load(path: str, split: str, batch: int):
     model = model_from_checkpoint(ckpt).eval()
     loader = build_loader(index, train=False, batch_size=batch, img_size=run_args["img_size"], loader="torch",
                           num_workers=0, shard_id=0, num_shards=1, channels_last=False, device=torch.device("cpu"))
-    return model, loader, meta["num_classes"], run_args
+    return model, loader, meta["num_classes"], run_args, index
+
+
+def _objects(index, ids: torch.Tensor, height: int, width: int) -> list:
+    """The object boxes of images ``ids`` of ``index``, scaled from original pixels to the ``height x width``
+    input the eval loader resized them to; ``ValueError`` when the dataset has no boxes."""
+    if index.boxes is None or index.image_sizes is None:
+        raise ValueError(f"--crop-mode boxes needs a dataset with object boxes; {index.summary()} has none")
+    out = []
+    for i in ids.tolist():
+        w0, h0 = (float(v) for v in index.image_sizes[i])
+        scale = torch.tensor([width / w0, height / h0, width / w0, height / h0])
+        out.append(torch.as_tensor(index.boxes[i], dtype=torch.float32).reshape(-1, 4) * scale)
+    return out
 
 
 def _map(scores: torch.Tensor, targets: torch.Tensor) -> float:
@@ -54,14 +75,19 @@ def _map(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 @torch.no_grad()
 def probe(path: str, opts) -> dict:
-    model, loader, classes, run_args = _load(path, opts.split, opts.batch)
+    model, loader, classes, run_args, index = _load(path, opts.split, opts.batch)
     gen = torch.Generator().manual_seed(opts.seed)
     rows = {k: [] for k in ("q", "mean", "max", "z", "zm", "y")}
     for images, targets, ids in loader:
         keep = ids >= 0
         images, targets = images[keep], targets[keep].float()
         b, _, h, w = images.shape
-        boxes = sample_boxes(b, opts.crops, h, w, mode=opts.crop_mode, generator=gen, area=tuple(opts.crop_area))
+        if opts.crop_mode == "boxes":
+            boxes = object_boxes(_objects(index, ids[keep], h, w), opts.crops, h, w, generator=gen,
+                                 area=tuple(opts.crop_area))
+        else:
+            boxes = sample_boxes(b, opts.crops, h, w, mode=opts.crop_mode, generator=gen,
+                                 area=tuple(opts.crop_area))
         q = model(images)
         o = model(ops.crop_resize(images, boxes, (h, w))).view(b, opts.crops, classes)
         z = ops.reconstruct_logits(o, q, targets, layers=opts.layers, crop_temperature=opts.crop_temperature)
@@ -92,7 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val")
     p.add_argument("--batch", type=int, default=32, help="images per batch (the pseudo-label k is per batch)")
     p.add_argument("--crops", type=int, default=4)
-    p.add_argument("--crop-mode", default="random", choices=("random", "corners"))
+    p.add_argument("--crop-mode", default="random", choices=("random", "corners", "boxes"),
+                   help="boxes: crops on the annotated objects (the oracle; needs a dataset with boxes)")
     p.add_argument("--crop-area", type=float, nargs=2, default=(0.2, 0.3), metavar=("LO", "HI"),
                    help="random crops: area fraction range (SPEC: 0.2 0.3)")
     p.add_argument("--layers", type=int, default=2)
@@ -110,7 +137,11 @@ def main(argv=None) -> int:
           "pos lowered | neg raised | cos(R-SD, BCE) | q row std |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for path in opts.checkpoint:
-        r = probe(path, opts)
+        try:
+            r = probe(path, opts)
+        except ValueError as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            return 2
         print(f"| {path} | {r['method']} | {r['q']:.2f} | {r['mean']:.2f} | {r['max']:.2f} | {r['z']:.2f} | "
               f"{r['zm']:.2f} | {100 * r['pos_lowered']:.1f} % | {100 * r['neg_raised']:.1f} % | {r['cos']:+.2f} | "
               f"{r['row_std_q']:.2f} |", flush=True)
