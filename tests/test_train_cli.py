@@ -101,6 +101,7 @@ def test_explicit_flags_sees_only_given_options():
         (["--device", "tpu"], "--device"),
         (["--model-kwargs", "novalue"], "KEY=VALUE"),
         (["--sched", "linear"], "invalid choice"),
+        (["--stop-on-collapse", "-1"], "--stop-on-collapse must be >= 0 (0 = never)"),
     ],
 )
 def test_bad_flags_fail_before_training(argv, message, capsys, tmp_path):
